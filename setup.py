@@ -1,0 +1,18 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="tinygpt",
+    version="0.1.0",
+    description="A GPT trained by a hand-written autograd engine on NumPy (CPU) or CuPy (CUDA), no torch.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["tinygpt", "tinygpt.*"]),
+    install_requires=["numpy>=1.22", "safetensors>=0.4", "tqdm>=4.60"],
+    extras_require={
+        "cuda": ["cupy-cuda12x>=13"],
+        "test": ["pytest>=7", "hypothesis>=6"],
+        "plot": ["matplotlib>=3.5"],
+    },
+    entry_points={"console_scripts": ["tinygpt=tinygpt.cli:main"]},
+)

@@ -1,0 +1,42 @@
+"""Shared fixtures: the `device` fixture runs a test on "cpu", and on "cuda" only when CuPy sees a GPU."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tinygpt
+from tinygpt import backend
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+_DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not backend.is_cuda_available(), reason="needs CuPy and a CUDA GPU")]),
+]
+
+
+@pytest.fixture(params=_DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    tinygpt.manual_seed(0)
+
+
+@pytest.fixture
+def shakespeare_path():
+    if not SHAKESPEARE.exists():
+        pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE}")
+    return SHAKESPEARE
+
+
+def torch_or_skip():
+    return pytest.importorskip("torch", reason="PyTorch is the test oracle; not installed")

@@ -1,0 +1,263 @@
+"""The one seam between tinygpt and the array libraries.
+
+Devices are named "cpu" (NumPy) and "cuda" (CuPy). This is the only module that imports CuPy, and it
+does so lazily, the first time "cuda" is asked for. Everything else asks here for the array module
+(`xp`) that goes with an array or a device, so one op body serves both backends.
+
+A device is a small record: its name, its array module and the array type that lives on it. Tests
+register a third, strict stand-in device (see tests/strict_xp.py) to prove that no op calls NumPy on
+a device array.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Device", "DeviceError", "CudaUnavailableError", "get_device", "default_device", "register_device",
+    "get_array_module", "device_of", "to_numpy", "to_device", "is_cuda_available", "scatter_add",
+    "synchronize", "manual_seed", "host_rng", "device_rng",
+]
+
+
+class DeviceError(RuntimeError):
+    """A device name that is not known, or arrays from two devices mixed in one op."""
+
+
+class CudaUnavailableError(DeviceError):
+    """"cuda" was asked for, but CuPy or a GPU is missing."""
+
+
+@dataclass
+class Device:
+    """A place arrays live: `name` ("cpu", "cuda"), its array module `xp`, and that module's array type."""
+    name: str
+    xp: ModuleType | Any
+    array_type: type
+    rng: Any = field(default=None, repr=False)  # the device's random generator, made on first use
+
+    def __repr__(self) -> str:
+        return f"device({self.name!r})"
+
+
+_DEVICES: dict[str, Device] = {"cpu": Device("cpu", np, np.ndarray)}
+_cupy: ModuleType | None = None
+_cupy_error: str | None = None
+
+
+def _import_cupy() -> ModuleType | None:
+    """Import CuPy once; remember why it failed so the error can say so."""
+    global _cupy, _cupy_error
+    if _cupy is None and _cupy_error is None:
+        try:
+            import cupy  # noqa: the only CuPy import in tinygpt
+            _cupy = cupy
+        except Exception as e:  # ImportError, or a CUDA library that fails to load
+            _cupy_error = f"{type(e).__name__}: {e}"
+    return _cupy
+
+
+def is_cuda_available() -> bool:
+    """True when CuPy imports and sees at least one GPU. Never raises."""
+    cp = _import_cupy()
+    if cp is None:
+        return False
+    try:
+        return cp.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def _cuda_device() -> Device:
+    cp = _import_cupy()
+    if cp is None:
+        raise CudaUnavailableError(
+            f"device 'cuda' needs CuPy, which is not available ({_cupy_error}); "
+            "install it with: pip install \"tinygpt[cuda]\", or use device 'cpu'")
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        n, why = 0, f" ({type(e).__name__}: {e})"
+    else:
+        why = ""
+    if n == 0:
+        raise CudaUnavailableError(
+            f"device 'cuda' needs an NVIDIA GPU, but CuPy found none{why}; use device 'cpu'")
+    return Device("cuda", cp, cp.ndarray)
+
+
+def default_device() -> str:
+    """The device used when none is given: $TINYGPT_DEVICE, else "cpu"."""
+    return os.environ.get("TINYGPT_DEVICE", "").strip() or "cpu"
+
+
+def get_device(device: "str | Device | None" = None) -> Device:
+    """Turn a name ("cpu", "cuda", "cuda:0"), a Device, or None (the default device) into a Device."""
+    if isinstance(device, Device):
+        return device
+    name = default_device() if device is None else str(device)
+    if name == "cuda:0":
+        name = "cuda"
+    if name not in _DEVICES:
+        if name != "cuda":
+            raise DeviceError(f"unknown device {name!r}; use 'cpu' or 'cuda'")
+        _DEVICES["cuda"] = _cuda_device()
+    return _DEVICES[name]
+
+
+def register_device(name: str, xp: Any, array_type: type) -> Device:
+    """Add a device (used by the tests' strict stand-in array module)."""
+    _DEVICES[name] = Device(name, xp, array_type)
+    return _DEVICES[name]
+
+
+def device_of(arr: Any) -> Device:
+    """The Device an array lives on. NumPy arrays and scalars are on "cpu"."""
+    if isinstance(arr, (np.ndarray, np.generic)):
+        return _DEVICES["cpu"]
+    for dev in _DEVICES.values():
+        if isinstance(arr, dev.array_type):
+            return dev
+    return _DEVICES["cpu"]
+
+
+def get_array_module(*arrays: Any) -> Any:
+    """The array module (numpy, cupy, ...) for these arrays; NumPy when none is a device array."""
+    for a in arrays:
+        if not isinstance(a, (np.ndarray, np.generic)) and not isinstance(a, (int, float, bool)):
+            dev = device_of(a)
+            if dev.name != "cpu":
+                return dev.xp
+    return np
+
+
+def to_numpy(arr: Any) -> np.ndarray:
+    """Copy a device array to a host NumPy array (a no-op for NumPy arrays). This syncs the device."""
+    if isinstance(arr, np.ndarray):
+        return arr
+    dev = device_of(arr)
+    if dev.name == "cpu":
+        return np.asarray(arr)
+    return dev.xp.asnumpy(arr)
+
+
+def to_device(arr: Any, device: "str | Device | None" = None) -> Any:
+    """Put an array (NumPy or device) on `device`, copying only when it is not already there."""
+    dev = get_device(device)
+    src = device_of(arr)
+    if src is dev:
+        return arr
+    host = to_numpy(arr)
+    return host if dev.name == "cpu" else dev.xp.asarray(host)
+
+
+def scatter_add(xp: Any, target: Any, indices: Any, values: Any) -> None:
+    """target[indices] += values, where repeated indices all add up (unlike plain fancy-index +=)."""
+    if xp is np:
+        np.add.at(target, indices, values)
+    elif hasattr(xp, "add") and hasattr(xp.add, "at"):
+        xp.add.at(target, indices, values)
+    else:  # older CuPy
+        import cupyx  # noqa: part of CuPy
+        cupyx.scatter_add(target, indices, values)
+
+
+def synchronize(device: "str | Device | None" = None) -> None:
+    """Wait for queued device work to finish (a no-op on the CPU). Call before reading a clock."""
+    dev = get_device(device)
+    if dev.name == "cuda":
+        dev.xp.cuda.get_current_stream().synchronize()
+
+
+def normal_cdf(x: Any) -> Any:
+    """Φ(x) = ½ erfc(-x/√2), the standard normal CDF, elementwise on any device (NumPy has no erf).
+
+    float64 on the CPU is exact (math.erfc per element: for gradient checks). Other NumPy dtypes use
+    Abramowitz & Stegun 7.1.26, erfc(a) ≈ (a1 t + ... + a5 t^5) e^(-a^2) with t = 1/(1 + p a), a ≥ 0
+    (absolute error < 1.5e-7), taken on the side that avoids cancelling 1 - erf. CuPy has `ndtr`.
+    """
+    dev = device_of(x)
+    if dev.name == "cuda":
+        import cupyx.scipy.special  # noqa: part of CuPy
+        return cupyx.scipy.special.ndtr(x)
+    if dev.name != "cpu":
+        return dev.xp.normal_cdf(x)
+    if x.dtype == np.float64:
+        return _half_erfc(x * -math.sqrt(0.5)).astype(np.float64)
+    c = x.dtype.type
+    a = np.abs(x) * c(math.sqrt(0.5))
+    t = c(1) / (c(1) + c(0.3275911) * a)
+    poly = t * (c(0.254829592) + t * (c(-0.284496736) + t * (c(1.421413741) + t * (c(-1.453152027)
+                                                                                 + t * c(1.061405429)))))
+    tail = c(0.5) * poly * np.exp(-a * a)   # ½ erfc(|x|/√2) = Φ(-|x|)
+    return np.where(x < 0, tail, c(1) - tail)
+
+
+_half_erfc = np.frompyfunc(lambda v: 0.5 * math.erfc(v), 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Random numbers. One seed drives the host generator (init, dropout on the CPU, sampling) and each
+# device's generator, so `manual_seed(s)` makes a run repeatable.
+
+_SEED = 1337
+_HOST_RNG = np.random.default_rng(_SEED)
+
+
+def manual_seed(seed: int) -> None:
+    """Seed every generator tinygpt uses: the host one and those of devices already in use."""
+    global _HOST_RNG, _SEED
+    _SEED = int(seed)
+    _HOST_RNG = np.random.default_rng(_SEED)
+    for dev in _DEVICES.values():
+        dev.rng = None  # re-made from _SEED on next use
+
+
+def host_rng() -> np.random.Generator:
+    """The host NumPy Generator (parameter init, sampling)."""
+    return _HOST_RNG
+
+
+def device_rng(device: "str | Device | None" = None) -> Any:
+    """The random generator of a device: a NumPy Generator on the CPU, a CuPy one on "cuda"."""
+    dev = get_device(device)
+    if dev.name == "cpu":
+        return _HOST_RNG
+    if dev.rng is None:
+        dev.rng = dev.xp.random.default_rng(_SEED)
+    return dev.rng
+
+
+def get_rng_state() -> dict:
+    """The host generator's state as plain JSON-able data (for checkpoints)."""
+    return _HOST_RNG.bit_generator.state
+
+
+def set_rng_state(state: dict) -> None:
+    _HOST_RNG.bit_generator.state = state
+
+
+# ---------------------------------------------------------------------------------------------------
+# glibc hands large blocks (>128 KiB by default) straight to mmap and back with munmap on free, so each
+# training step page-faults its big temporaries in again. Raising the thresholds keeps them in the heap.
+
+def _tune_allocator() -> None:
+    if not sys.platform.startswith("linux") or os.environ.get("TINYGPT_NO_MALLOPT"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest allowed value on 64-bit
+        libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+    except Exception:  # not glibc (musl, ...): nothing to tune
+        pass
+
+
+_tune_allocator()

@@ -1,0 +1,127 @@
+"""Activations and the softmax family.
+
+GELU is the exact erf form by default, GELU(x) = x Φ(x) = ½x(1 + erf(x/√2)), or the tanh
+approximation ½x(1 + tanh(√(2/π)(x + 0.044715x³))) with approximate="tanh".
+Softmax subtracts the row max first, so exp never overflows.
+"""
+from __future__ import annotations
+
+import math
+
+from tinygpt import backend
+from tinygpt.function import Function
+from tinygpt.tensor import Tensor
+
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _c(x, value):
+    """A Python constant in x's dtype (a NumPy scalar), so it never upcasts float32."""
+    return x.dtype.type(value)
+
+
+class ReLU(Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = ctx.xp.maximum(x, 0)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # d relu/dx = 1 where x > 0, else 0 (a mask multiply, not np.where)
+        (y,) = ctx.saved_tensors
+        return g * (y > 0)
+
+
+class GELU(Function):
+    @staticmethod
+    def forward(ctx, x, approximate="none"):
+        xp = ctx.xp
+        ctx.save_for_backward(x)
+        ctx.approximate = approximate
+        if approximate == "tanh":
+            inner = _c(x, _SQRT_2_OVER_PI) * (x + _c(x, 0.044715) * x * x * x)
+            return _c(x, 0.5) * x * (1 + xp.tanh(inner))
+        return x * backend.normal_cdf(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        xp = ctx.xp
+        if ctx.approximate == "tanh":
+            # y = ½x(1+t), t = tanh(u), u = k(x + 0.044715x³):  y' = ½(1+t) + ½x(1-t²)k(1 + 3·0.044715x²)
+            k = _c(x, _SQRT_2_OVER_PI)
+            t = xp.tanh(k * (x + _c(x, 0.044715) * x * x * x))
+            dy = _c(x, 0.5) * (1 + t) + _c(x, 0.5) * x * (1 - t * t) * k * (1 + _c(x, 3 * 0.044715) * x * x)
+            return g * dy, None
+        # y = xΦ(x): y' = Φ(x) + x φ(x), φ(x) = e^(-x²/2)/√(2π)
+        cdf = backend.normal_cdf(x)
+        pdf = _c(x, _INV_SQRT_2PI) * xp.exp(_c(x, -0.5) * x * x)
+        return g * (cdf + x * pdf), None
+
+
+class Sigmoid(Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = _c(x, 0.5) * (1 + ctx.xp.tanh(_c(x, 0.5) * x))  # σ(x) = ½(1 + tanh(x/2)): no overflow
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # σ' = σ(1 - σ)
+        (y,) = ctx.saved_tensors
+        return g * y * (1 - y)
+
+
+class Softmax(Function):
+    @staticmethod
+    def forward(ctx, x, axis=-1):
+        xp = ctx.xp
+        e = xp.exp(x - x.max(axis=axis, keepdims=True))
+        e /= e.sum(axis=axis, keepdims=True)
+        ctx.save_for_backward(e, axis)
+        return e
+
+    @staticmethod
+    def backward(ctx, g):  # dx = y ⊙ (g - Σ_j g_j y_j)
+        y, axis = ctx.saved_tensors
+        return y * (g - (g * y).sum(axis=axis, keepdims=True)), None
+
+
+class LogSoftmax(Function):
+    @staticmethod
+    def forward(ctx, x, axis=-1):
+        xp = ctx.xp
+        shifted = x - x.max(axis=axis, keepdims=True)
+        y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        ctx.save_for_backward(y, axis)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # dx = g - softmax(x) Σ_j g_j
+        y, axis = ctx.saved_tensors
+        return g - ctx.xp.exp(y) * g.sum(axis=axis, keepdims=True), None
+
+
+def relu(x: Tensor) -> Tensor:
+    return ReLU.apply(x)
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """GELU, exact (erf) by default; approximate="tanh" for the GPT-2 tanh form."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', not {approximate!r}")
+    return GELU.apply(x, approximate)
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    return Sigmoid.apply(x)
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return Softmax.apply(x, axis)
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return LogSoftmax.apply(x, axis)

@@ -1,0 +1,80 @@
+"""Scaled dot-product attention as one fused op, all heads at once (no Python loop over heads).
+
+    S = q kᵀ · scale            (B, H, Tq, Tk)    scale = hs^-0.5 by default
+    S = S masked to -inf above the causal diagonal
+    P = softmax(S, axis=-1)
+    P = dropout(P)              (training only)
+    y = P v                     (B, H, Tq, hs)
+
+Backward, with g = dL/dy:
+    dv = Pᵀ g,   dP = g vᵀ,   dS = P ⊙ (dP - Σ_k dP ⊙ P) · scale,   dq = dS k,   dk = dSᵀ q
+
+With a KV cache the queries are the last Tq of Tk positions, so query i may see keys 0..(Tk-Tq+i).
+"""
+from __future__ import annotations
+
+import math
+
+from tinygpt import backend
+from tinygpt.function import Function
+from tinygpt.tensor import Tensor
+
+
+def causal_mask(xp, Tq: int, Tk: int):
+    """(Tq, Tk) bool, True where query i must NOT see key j (j > i + Tk - Tq)."""
+    return xp.triu(xp.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)
+
+
+class ScaledDotProductAttention(Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal=True, dropout_p=0.0, scale=None):
+        xp = ctx.xp
+        Tq, Tk = q.shape[-2], k.shape[-2]
+        scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+        s = q @ k.swapaxes(-1, -2)                                # (B, H, Tq, Tk)
+        s *= scale
+        if causal:
+            s[..., causal_mask(xp, Tq, Tk)] = -xp.inf
+        s -= s.max(axis=-1, keepdims=True)
+        p = xp.exp(s, out=s)                                      # softmax in place of the scores
+        p /= p.sum(axis=-1, keepdims=True)
+        mask = None
+        if dropout_p > 0.0:
+            keep = backend.device_rng(ctx.device).random(p.shape, dtype=p.dtype) >= dropout_p
+            mask = keep * p.dtype.type(1.0 / (1.0 - dropout_p))
+            pd = p * mask
+        else:
+            pd = p
+        ctx.save_for_backward(q, k, v, p, mask, scale)
+        return pd @ v                                             # (B, H, Tq, hs)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, p, mask, scale = ctx.saved_tensors
+        nq, nk, nv = ctx.needs_input_grad
+        pd = p if mask is None else p * mask
+        dv = pd.swapaxes(-1, -2) @ g if nv else None              # (B, H, Tk, hs)
+        dp = g @ v.swapaxes(-1, -2)                               # (B, H, Tq, Tk)
+        if mask is not None:
+            dp *= mask
+        # softmax backward, in place: dS = P ⊙ (dP - Σ dP ⊙ P) · scale
+        row = (dp * p).sum(axis=-1, keepdims=True)
+        dp -= row
+        dp *= p
+        dp *= scale
+        dq = dp @ k if nq else None                               # (B, H, Tq, hs)
+        dk = dp.swapaxes(-1, -2) @ q if nk else None              # (B, H, Tk, hs)
+        return dq, dk, dv
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
+                                 dropout_p: float = 0.0, scale: float | None = None) -> Tensor:
+    """softmax(q kᵀ · scale, causally masked) v for q (B, H, Tq, hs), k and v (B, H, Tk, hs)."""
+    if q.shape[-1] != k.shape[-1] or k.shape != v.shape:
+        raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit "
+                         "(need q (..., Tq, hs) and k, v (..., Tk, hs))")
+    if causal and q.shape[-2] > k.shape[-2]:
+        raise ValueError(f"attention: {q.shape[-2]} queries but only {k.shape[-2]} keys")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    return ScaledDotProductAttention.apply(q, k, v, causal=causal, dropout_p=dropout_p, scale=scale)

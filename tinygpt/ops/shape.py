@@ -1,0 +1,146 @@
+"""Ops that move elements without changing them: reshape, transpose, permute, indexing, cat, stack.
+
+Their backward moves the gradient back the same way: reshape it back, apply the inverse permutation,
+or scatter it into a zero array (adding, so repeated indices accumulate).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from tinygpt import backend
+from tinygpt.function import Function
+from tinygpt.tensor import Tensor
+
+
+class Reshape(Function):
+    @staticmethod
+    def forward(ctx, a, shape):
+        ctx.save_for_backward(a.shape)
+        return a.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, g):  # same elements, old shape
+        (shape,) = ctx.saved_tensors
+        return g.reshape(shape), None
+
+
+class Permute(Function):
+    @staticmethod
+    def forward(ctx, a, axes):
+        ctx.save_for_backward(axes)
+        return a.transpose(axes)
+
+    @staticmethod
+    def backward(ctx, g):  # undo with the inverse permutation
+        (axes,) = ctx.saved_tensors
+        inverse = [0] * len(axes)
+        for i, ax in enumerate(axes):
+            inverse[ax] = i
+        return g.transpose(inverse), None
+
+
+def _index_arrays(index: Any, xp: Any) -> Any:
+    """Tensor, list and host-array indices as arrays of this device (ints, slices, None, ... unchanged)."""
+    def one(i):
+        if isinstance(i, Tensor):
+            return i.data
+        if isinstance(i, list) or (hasattr(i, "dtype") and backend.get_array_module(i) is not xp):
+            return xp.asarray(backend.to_numpy(i) if hasattr(i, "dtype") else i)
+        return i
+    return tuple(one(i) for i in index) if isinstance(index, tuple) else one(index)
+
+
+def _is_basic(index: Any) -> bool:
+    """True when indexing selects a view (ints, slices, None, Ellipsis): no element repeats."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items)
+
+
+class GetItem(Function):
+    @staticmethod
+    def forward(ctx, a, index):
+        ctx.save_for_backward(a.shape, a.dtype, index)
+        return a[index]
+
+    @staticmethod
+    def backward(ctx, g):  # each picked element gets its gradient; repeats add up (scatter-add)
+        shape, dtype, index = ctx.saved_tensors
+        out = ctx.xp.zeros(shape, dtype=g.dtype)
+        if _is_basic(index):
+            out[index] = g
+        else:
+            backend.scatter_add(ctx.xp, out, index, g)
+        return out, None
+
+
+class Cat(Function):
+    @staticmethod
+    def forward(ctx, *arrays, axis=0):
+        ctx.save_for_backward(axis, [a.shape[axis] for a in arrays])
+        return ctx.xp.concatenate(arrays, axis=axis)
+
+    @staticmethod
+    def backward(ctx, g):  # each input gets its own slice of g
+        axis, sizes = ctx.saved_tensors
+        out, start = [], 0
+        for n, need in zip(sizes, ctx.needs_input_grad):
+            sl = [slice(None)] * g.ndim
+            sl[axis] = slice(start, start + n)
+            out.append(g[tuple(sl)] if need else None)
+            start += n
+        return tuple(out)
+
+
+class Stack(Function):
+    @staticmethod
+    def forward(ctx, *arrays, axis=0):
+        ctx.save_for_backward(axis)
+        return ctx.xp.stack(arrays, axis=axis)
+
+    @staticmethod
+    def backward(ctx, g):  # input i gets g taken at position i of the new axis
+        (axis,) = ctx.saved_tensors
+        return tuple(ctx.xp.take(g, i, axis=axis) if need else None
+                     for i, need in enumerate(ctx.needs_input_grad))
+
+
+def reshape(a: Tensor, *shape: Any) -> Tensor:
+    """a.reshape(2, -1) or a.reshape((2, -1))."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return Reshape.apply(a, tuple(int(s) for s in shape))
+
+
+def permute(a: Tensor, *axes: int) -> Tensor:
+    """Reorder all axes: permute(x, 0, 2, 1, 3) as in torch."""
+    if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+        axes = tuple(axes[0])
+    if sorted(a_ % max(a.ndim, 1) for a_ in axes) != list(range(a.ndim)):
+        raise ValueError(f"permute: {axes} is not a permutation of the {a.ndim} axes of shape {a.shape}")
+    return Permute.apply(a, tuple(a_ % a.ndim for a_ in axes))
+
+
+def transpose(a: Tensor, dim0: int = -2, dim1: int = -1) -> Tensor:
+    """Swap two axes (torch.transpose), e.g. (B, T, H, hs).transpose(1, 2) -> (B, H, T, hs)."""
+    axes = list(range(a.ndim))
+    axes[dim0], axes[dim1] = axes[dim1], axes[dim0]
+    return Permute.apply(a, tuple(axes))
+
+
+def getitem(a: Tensor, index: Any) -> Tensor:
+    """a[index] with ints, slices, None, ... and integer (or bool) arrays / Tensors / lists."""
+    return GetItem.apply(a, _index_arrays(index, a.device.xp))
+
+
+def cat(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
+    """Join tensors along an existing axis."""
+    if not tensors:
+        raise ValueError("cat: needs at least one tensor")
+    return Cat.apply(*tensors, axis=axis)
+
+
+def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
+    """Join same-shaped tensors along a new axis."""
+    if not tensors:
+        raise ValueError("stack: needs at least one tensor")
+    return Stack.apply(*tensors, axis=axis)
