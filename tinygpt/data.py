@@ -1,0 +1,364 @@
+"""Corpora, encoded-id caches and random training batches.
+
+The pipeline, as in "Let's build GPT"::
+
+    text = load_text("shakespeare")                  # one big str
+    ids = encode_cached(text, tok, name="shakespeare")  # 1-D uint16 memmap
+    train, val = train_val_split(ids, 0.9)
+    x, y = get_batch(train, batch_size=4, block_size=8, rng=rng)  # (B, T) each
+
+We never feed the whole text at once. ``get_batch`` cuts ``B`` random
+windows of ``T + 1`` tokens; ``x = window[:-1]`` and ``y = window[1:]``, so
+``y[b, t]`` is the token that follows ``x[b, :t + 1]``. One ``(B, T)`` batch
+therefore holds ``B * T`` training examples, one for every context length
+from 1 to ``T``.
+
+Corpora (``load_text(source)``):
+
+* a path to a UTF-8 ``.txt`` file, or to a folder of ``.txt`` files;
+* ``"shakespeare"`` -- Tiny Shakespeare (1.1 MB), downloaded once into the
+  cache (``$TINYGPT_CACHE``, default ``~/.cache/tinygpt``) and checked by sha256;
+* ``"python-stdlib"`` -- an offline corpus: the running interpreter's own
+  standard-library sources, in a fixed order, capped at ~4 MB;
+* ``None`` -- ``"shakespeare"`` when cached or downloadable, else
+  ``"python-stdlib"`` with a one-line notice on stderr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import numbers
+import os
+import platform
+import re
+import sys
+import sysconfig
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/"
+                   "data/tinyshakespeare/input.txt")
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+SHAKESPEARE_FILENAME = "tinyshakespeare.txt"   # name inside the cache folder
+DOWNLOAD_TIMEOUT = 30.0     # seconds, for an explicit load_text("shakespeare")
+PROBE_TIMEOUT = 5.0         # seconds, when only choosing the default corpus
+STDLIB_MAX_BYTES = 4_000_000
+NAMED_SOURCES = ("shakespeare", "python-stdlib")
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests",
+              "idle_test", "idlelib", "turtledemo"}
+
+
+class DataError(ValueError):
+    """A corpus that cannot be loaded, or data too short for the request."""
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+# ---- Cache and downloads ---------------------------------------------------
+
+def cache_dir(cache: str | Path | None = None) -> Path:
+    """The cache folder: ``cache`` if given, else ``$TINYGPT_CACHE``, else
+    ``~/.cache/tinygpt``. It is created on demand by the writers."""
+    if cache is not None:
+        return Path(cache)
+    env = os.environ.get("TINYGPT_CACHE", "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tinygpt"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_shakespeare(cache: str | Path | None = None) -> Path | None:
+    """Path of a verified cached copy of Tiny Shakespeare, or None."""
+    path = cache_dir(cache) / SHAKESPEARE_FILENAME
+    if path.is_file() and _sha256_file(path) == SHAKESPEARE_SHA256:
+        return path
+    return None
+
+
+def download_shakespeare(url: str | None = None, *, timeout: float = DOWNLOAD_TIMEOUT,
+                         cache: str | Path | None = None) -> Path:
+    """Return the cached Tiny Shakespeare file, downloading it if needed.
+
+    The URL is ``url``, else ``$TINYGPT_SHAKESPEARE_URL``, else
+    :data:`SHAKESPEARE_URL` (``file://`` URLs work too). Bytes stream into a
+    temporary file in the cache folder; only after the sha256 matches is it
+    renamed into place (``os.replace`` is atomic), so a failed or corrupted
+    download never leaves a partial file behind.
+    """
+    found = cached_shakespeare(cache)
+    if found is not None:
+        return found
+    url = url or os.environ.get("TINYGPT_SHAKESPEARE_URL", "").strip() or SHAKESPEARE_URL
+    dest = cache_dir(cache) / SHAKESPEARE_FILENAME
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tinyshakespeare-", suffix=".part")
+    except OSError as e:
+        raise DataError(f"cannot write to the cache folder {dest.parent} ({_one_line(e)}); "
+                        f"set TINYGPT_CACHE to a writable folder") from None
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+            while block := r.read(1 << 16):
+                f.write(block)
+                digest.update(block)
+        if digest.hexdigest() != SHAKESPEARE_SHA256:
+            raise DataError(f"download from {url} has sha256 {digest.hexdigest()[:16]}..., "
+                            f"expected {SHAKESPEARE_SHA256[:16]}...; the file was discarded, "
+                            f"check the URL or put the right file at {dest}")
+        os.replace(tmp, dest)
+    except DataError:
+        raise
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        raise DataError(f"could not download Tiny Shakespeare from {url} ({_one_line(e)}); "
+                        f"check the network or copy the file to {dest}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def build_stdlib_corpus(max_bytes: int = STDLIB_MAX_BYTES) -> str:
+    """Concatenate this interpreter's standard-library ``.py`` sources.
+
+    Deterministic: a sorted walk of ``sysconfig.get_paths()["stdlib"]`` that
+    skips test folders and site-packages, keeps files that decode as UTF-8,
+    puts a ``# ---- path ----`` header before each, and stops before the first
+    file that would take the total past ``max_bytes`` UTF-8 bytes.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, total = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames
+                             if d not in _SKIP_DIRS and not d.startswith("test"))
+        for name in sorted(filenames):
+            if not name.endswith(".py") or name.startswith("test"):
+                continue
+            path = Path(dirpath) / name
+            try:
+                source = path.read_bytes().decode("utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            piece = f"# ---- {path.relative_to(root).as_posix()} ----\n{source}"
+            piece += "" if piece.endswith("\n") else "\n"
+            size = len(piece.encode("utf-8"))
+            if total + size > max_bytes:
+                return "".join(parts)
+            parts.append(piece)
+            total += size
+    if not parts:
+        raise DataError(f"found no readable .py files under the standard library at {root}; "
+                        f"pass a .txt corpus instead")
+    return "".join(parts)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def stdlib_corpus_path(cache: str | Path | None = None,
+                       max_bytes: int = STDLIB_MAX_BYTES) -> Path:
+    """Build the python-stdlib corpus once per interpreter version; return its path."""
+    path = cache_dir(cache) / f"python-stdlib-{platform.python_version()}-{max_bytes}.txt"
+    if not path.is_file():
+        try:
+            _write_atomic(path, build_stdlib_corpus(max_bytes).encode("utf-8"))
+        except OSError as e:
+            raise DataError(f"cannot write the python-stdlib corpus to {path} "
+                            f"({_one_line(e)}); set TINYGPT_CACHE to a writable folder") from None
+    return path
+
+
+# ---- Choosing and reading a corpus -----------------------------------------
+
+def resolve_source(source: str | Path | None = None, *, timeout: float = PROBE_TIMEOUT,
+                   cache: str | Path | None = None) -> str | Path:
+    """Return ``source`` unchanged, or for ``None`` pick the default corpus:
+    ``"shakespeare"`` if cached or downloadable within ``timeout`` seconds,
+    otherwise ``"python-stdlib"`` (printing a one-line notice on stderr)."""
+    if source is not None:
+        return source
+    try:
+        download_shakespeare(timeout=timeout, cache=cache)
+        return "shakespeare"
+    except DataError as e:
+        reason = str(e).split("; ")[0]  # drop the advice part: the notice is one line
+        print(f"tinygpt: {reason}; using the offline 'python-stdlib' corpus instead",
+              file=sys.stderr)
+        return "python-stdlib"
+
+
+def default_corpus(*, timeout: float = PROBE_TIMEOUT, cache: str | Path | None = None) -> str:
+    """The corpus name used when none is given (see :func:`resolve_source`)."""
+    return str(resolve_source(None, timeout=timeout, cache=cache))
+
+
+def _read_txt(path: Path) -> str:
+    if path.suffix.lower() != ".txt":
+        raise DataError(f"corpus file {path} has suffix {path.suffix!r}; only UTF-8 .txt "
+                        f"files are accepted (rename or convert it)")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"corpus file {path} is not valid UTF-8 (bad byte "
+                        f"{data[e.start]:#04x} at offset {e.start}); re-save it as UTF-8") from None
+
+
+def load_text(source: str | Path | None = None, *, cache: str | Path | None = None,
+              timeout: float = DOWNLOAD_TIMEOUT) -> str:
+    """Read a corpus into one ``str``.
+
+    ``source``: ``"shakespeare"``, ``"python-stdlib"``, a ``.txt`` path, a
+    folder (all ``*.txt`` inside it, recursively, in sorted path order, each
+    ending with a newline), or ``None`` for the default corpus. A named corpus
+    wins over a same-named path; write ``./shakespeare`` to mean the folder.
+    """
+    if source is None:
+        source = resolve_source(None, cache=cache)
+    if source == "shakespeare":
+        path = download_shakespeare(timeout=timeout, cache=cache)
+        return path.read_text(encoding="utf-8")
+    if source == "python-stdlib":
+        return stdlib_corpus_path(cache).read_text(encoding="utf-8")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise DataError(f"corpus folder {path} contains no .txt files; add some or "
+                            f"pass a file")
+        texts = [_read_txt(p) for p in files]
+        text = "".join(t if t.endswith("\n") else t + "\n" for t in texts)
+    elif path.is_file():
+        text = _read_txt(path)
+    else:
+        raise DataError(f"corpus {str(source)!r} is neither a file, a folder, nor one of "
+                        f"{', '.join(NAMED_SOURCES)}; check the spelling or the path")
+    if not text:
+        raise DataError(f"corpus {path} is empty; give it some text")
+    return text
+
+
+# ---- Encoded ids: cached, memory-mapped ------------------------------------
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype that holds every id: uint16 up to 65536 tokens."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def encode_cached(text: str, tokenizer, *, name: str = "corpus",
+                  cache: str | Path | None = None) -> np.ndarray:
+    """``tokenizer.encode(text)`` as a read-only, memory-mapped 1-D array.
+
+    The ids live in ``<cache>/tokens/<name>-<key>.npy`` with
+    ``key = sha256(sha256(text) : tokenizer.fingerprint)``, stored as uint16
+    (uint32 for vocabularies over 65536). The second call, or the next run,
+    just maps the file: nothing is re-encoded and the ids need not fit in RAM
+    (nanoGPT's ``train.bin`` idea). ``name`` only makes the file name readable.
+    """
+    text_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    key = hashlib.sha256(f"{text_hash}:{tokenizer.fingerprint}".encode()).hexdigest()[:24]
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))[:64] or "corpus"
+    path = cache_dir(cache) / "tokens" / f"{safe}-{key}.npy"
+    if not path.is_file():
+        ids = np.array(tokenizer.encode(text), dtype=np.int64)
+        if ids.size == 0:
+            raise DataError(f"corpus {name!r} encodes to zero tokens; give it some text")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{safe}-", suffix=".npy")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, ids.astype(token_dtype(tokenizer.vocab_size)))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return np.load(path, mmap_mode="r")
+
+
+def train_val_split(ids, train_fraction: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    """First ``int(n * train_fraction)`` ids for training, the rest for
+    validation. No shuffling: the val set is a later, unseen stretch of text.
+    Returns views (no copy), so memory-mapped ids stay memory-mapped."""
+    if not 0.0 < train_fraction < 1.0:
+        raise DataError(f"train_fraction must be strictly between 0 and 1, got "
+                        f"{train_fraction!r}; 0.9 is usual")
+    ids = ids if isinstance(ids, np.ndarray) else np.asarray(ids)
+    n = len(ids)
+    n_train = int(n * train_fraction)
+    if n_train == 0 or n_train == n:
+        raise DataError(f"splitting {n} ids at train_fraction={train_fraction} leaves an "
+                        f"empty {'train' if n_train == 0 else 'val'} set; use more text")
+    return ids[:n_train], ids[n_train:]
+
+
+# ---- Batches ---------------------------------------------------------------
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise DataError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def get_batch(data, batch_size: int, block_size: int, rng: np.random.Generator,
+              device=None):
+    """Sample a batch of next-token examples.
+
+    Args:
+        data: 1-D integer array of token ids, length N (a memmap is fine).
+        batch_size: B, number of independent windows.
+        block_size: T, context length.
+        rng: a ``numpy.random.Generator``; the same seed gives the same batch.
+        device: where the tensors live: "cpu", "cuda", or None for the default
+            device (``$TINYGPT_DEVICE``, else "cpu").
+
+    Returns:
+        ``x, y``: int64 Tensors of shape ``(B, T)`` with
+        ``x[b] = data[s_b : s_b + T]`` and ``y[b] = data[s_b + 1 : s_b + T + 1]``,
+        each start ``s_b`` uniform over all ``N - T`` valid starts ``0 .. N-T-1``.
+
+    The ``(B, T + 1)`` windows are gathered with one fancy index on the host,
+    moved to the device in one copy, and ``x`` / ``y`` are views of that copy.
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), "
+                        f"got {type(rng).__name__}")
+    batch_size = _check_positive_int("batch_size", batch_size)
+    block_size = _check_positive_int("block_size", block_size)
+    data = data if isinstance(data, np.ndarray) else np.asarray(data)
+    if data.ndim != 1 or not np.issubdtype(data.dtype, np.integer):
+        raise DataError(f"data must be a 1-D integer array of token ids, got shape "
+                        f"{data.shape} and dtype {data.dtype}")
+    n = len(data)
+    if n < block_size + 1:
+        raise DataError(f"data has {n} tokens, but block_size={block_size} needs at least "
+                        f"block_size + 1 = {block_size + 1}; use a smaller block_size or "
+                        f"more text")
+    starts = rng.integers(0, n - block_size, size=batch_size)       # (B,)
+    index = starts[:, None] + np.arange(block_size + 1)             # (B, T+1)
+    windows = np.array(data[index], dtype=np.int64)                 # host copy
+
+    import tinygpt                          # late import: tinygpt imports this module
+    from tinygpt.backend import to_device
+    xy = to_device(windows, device)         # the one host -> device copy
+    return tinygpt.tensor(xy[:, :-1], device=device), tinygpt.tensor(xy[:, 1:], device=device)
