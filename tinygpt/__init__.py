@@ -12,3 +12,4 @@ from tinygpt.gradcheck import gradcheck, numerical_grad, GradcheckError  # noqa:
 from tinygpt import functional  # noqa: F401
 
 __version__ = "0.1.0"
+from tinygpt import nn, optim  # noqa: F401,E402
