@@ -544,6 +544,31 @@ def test_optimizers_and_clipping_run_on_a_strict_device():
         assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_step_and_clipping_never_sync_with_the_host(monkeypatch):
+    """On the strict device every way back to the host (bool, float, item, asnumpy) raises inside step()."""
+    strict = pytest.importorskip("strict_xp")
+    strict.register()
+    tinygpt.manual_seed(0)
+    model = _mlp().to(strict.DEVICE)
+    opts = [optim.AdamW(model.parameters(), lr=0.01), optim.Adam(model.parameters(), weight_decay=0.1),
+            optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)]
+    X, y = tinygpt.tensor(XOR_X, device=strict.DEVICE), tinygpt.tensor(XOR_Y, device=strict.DEVICE)
+    F.cross_entropy(model(X), y).backward()
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("a host/device sync inside the optimizer")
+
+    for name in ("__bool__", "__float__", "__int__", "item", "tolist", "get"):
+        monkeypatch.setattr(strict.StrictArray, name, no_sync)
+    monkeypatch.setattr(strict.strict_xp, "asnumpy", no_sync)
+    for opt in opts:
+        for _ in range(2):
+            optim.clip_grad_norm_(model.parameters(), 0.1)
+            opt.step()
+    monkeypatch.undo()
+    assert all(np.isfinite(p.numpy()).all() for p in model.parameters())
+
+
 def test_optimizer_state_lives_on_the_parameters_device(device):
     tinygpt.manual_seed(0)
     model = _mlp().to(device)

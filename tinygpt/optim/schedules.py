@@ -61,8 +61,8 @@ class WarmupCosineLR(_Schedule):
     def __call__(self, it: int) -> float:
         if it < self.warmup_iters:                                   # 1) linear warmup
             return self.max_lr * (it + 1) / (self.warmup_iters + 1)
-        if it >= self.lr_decay_iters:                                # 3) after the decay: min_lr
-            return self.min_lr                                       #    (at it == lr_decay_iters, cos(π) gives it too)
+        if it >= self.lr_decay_iters:                                # 3) min_lr after the decay (at it ==
+            return self.min_lr                                       #    lr_decay_iters cos(π) gives it too)
         ratio = (it - self.warmup_iters) / (self.lr_decay_iters - self.warmup_iters)
         coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))              # 2) cosine: 1 -> 0
         return self.min_lr + coeff * (self.max_lr - self.min_lr)
