@@ -75,6 +75,9 @@ def tensor(data: Any, requires_grad: bool = False, device: Any = None, dtype: An
 
 class Tensor:
     __slots__ = ("data", "grad", "requires_grad", "_ctx", "device", "__weakref__")
+    # NumPy arrays and scalars on the left (np.float64(2) * t, np.ones(3) + t) return NotImplemented,
+    # so Python calls t.__rmul__ / t.__radd__ instead of NumPy building an object array of Tensors.
+    __array_ufunc__ = None
 
     def __init__(self, data: Any, requires_grad: bool = False):
         dev = backend.device_of(data)

@@ -33,11 +33,11 @@ class MatMul(Function):
         na, nb = ctx.needs_input_grad
         a2 = a[None, :] if a.ndim == 1 else a          # (K,) -> (1, K)
         b2 = b[:, None] if b.ndim == 1 else b          # (K,) -> (K, 1)
-        g2 = g
-        if a.ndim == 1:
-            g2 = g2[..., None, :]
+        g2 = g                                          # lift g the same way (b first: 1-D·1-D g is 0-d)
         if b.ndim == 1:
             g2 = g2[..., None]
+        if a.ndim == 1:
+            g2 = g2[..., None, :]
         ga = gb = None
         if na:
             ga = unbroadcast(g2 @ _mT(b2), a2.shape).reshape(a.shape)

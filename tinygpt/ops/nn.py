@@ -183,7 +183,13 @@ def where(cond: Any, a: Any, b: Any) -> Tensor:
     """Elementwise `a if cond else b`, with broadcasting; a and b may be scalars."""
     like = a if isinstance(a, Tensor) else b
     a, b = as_operand(a, like), as_operand(b, like)
-    return Where.apply(_array(cond), a, b)
+    c = _array(cond)
+    if isinstance(like, Tensor) and backend.device_of(c) is not like.device:
+        if isinstance(cond, Tensor):
+            raise backend.DeviceError(f"where: the condition is on {cond.device.name!r} but the values are "
+                                      f"on {like.device.name!r}; move it with .to({like.device.name!r})")
+        c = backend.to_device(c, like.device)  # a host mask (NumPy array, list): copy it over
+    return Where.apply(c, a, b)
 
 
 def masked_fill(x: Tensor, mask: Any, value: float) -> Tensor:

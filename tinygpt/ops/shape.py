@@ -43,7 +43,7 @@ def _index_arrays(index: Any, xp: Any) -> Any:
     """Tensor, list and host-array indices as arrays of this device (ints, slices, None, ... unchanged)."""
     def one(i):
         if isinstance(i, Tensor):
-            return i.data
+            i = i.data
         if isinstance(i, list) or (hasattr(i, "dtype") and backend.get_array_module(i) is not xp):
             return xp.asarray(backend.to_numpy(i) if hasattr(i, "dtype") else i)
         return i
