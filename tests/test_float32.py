@@ -126,6 +126,7 @@ SCALARS = [
     ("pow_py_frac", lambda x: x ** 1.5), ("pow_neg_int", lambda x: x ** -2),
     ("np64_0d_array", lambda x: x * np.array(2.0)), ("f64_host_array", lambda x: x + np.ones(4)),
     ("rf64_host_array", lambda x: np.ones(4) * x), ("list_operand", lambda x: x * [1.0, 2.0, 3.0, 4.0]),
+    ("matmul_host_f64", lambda x: (np.ones((2, 3)) @ x @ np.ones((4, 2))).sum() + (x @ [0.5, 0.5, 0.5, 0.5]).sum()),
     ("mean", lambda x: x.mean() + x.mean(axis=0).sum() / np.float64(4)),
     ("masked_fill_np64", lambda x: F.masked_fill(x, _m, np.float64(-1e9))),
     ("masked_fill_-inf", lambda x: F.softmax(F.masked_fill(x, _m, -np.inf))),

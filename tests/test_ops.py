@@ -133,6 +133,31 @@ def test_sigmoid_extreme_inputs(device):
     assert np.isfinite(tinygpt.backend.to_numpy(x.grad)).all()
 
 
+@pytest.mark.parametrize("sa, sb", [((0, 3), (3,)), ((2, 0, 3), (0, 3)), ((0,), (1,)), ((3, 1), (3, 0)),
+                                    ((0, 2), (1, 2))])
+@pytest.mark.parametrize("op", ["add", "sub", "mul", "div"])
+def test_zero_size_broadcasting(device, sa, sb, op):
+    a = _t(np.ones(sa), device, requires_grad=True)
+    b = _t(np.full(sb, 2.0), device, requires_grad=True)
+    y = getattr(a, f"__{'truediv' if op == 'div' else op}__")(b)
+    assert y.shape == np.broadcast_shapes(sa, sb) and y.size == 0
+    y.sum().backward()
+    assert a.grad.shape == sa and b.grad.shape == sb
+    assert not backend_np(a.grad).any() and not backend_np(b.grad).any()  # sums over nothing are 0
+
+
+def backend_np(x):
+    return tinygpt.backend.to_numpy(x)
+
+
+def test_matmul_with_host_operands_takes_the_tensor_dtype(device):
+    x = _t(np.arange(6.0).reshape(3, 2), device, requires_grad=True)
+    y = np.ones((2, 3)) @ x @ np.array([[1.0], [2.0]])
+    assert y.dtype == np.float32 and y.device is x.device
+    y.sum().backward()
+    assert_allclose(backend_np(x.grad), [[2, 4]] * 3)
+
+
 # --- forward properties -----------------------------------------------------------------------------------
 
 def test_kv_cache_attention_is_the_last_rows_of_full_causal_attention(device, rng):

@@ -41,9 +41,9 @@ def unbroadcast(grad: Any, shape: tuple) -> Any:
     if grad.shape == tuple(shape):
         return grad
     lead = grad.ndim - len(shape)
-    if lead and all(s == gs for s, gs in zip(shape, grad.shape[lead:])):
+    if lead and grad.size and all(s == gs for s, gs in zip(shape, grad.shape[lead:])):
         # only new leading axes: one GEMV with a ones vector beats .sum() (a 5x difference in NumPy)
-        g2 = grad.reshape(-1, grad[(0,) * lead].size) if grad.size else grad.reshape(0, -1)
+        g2 = grad.reshape(-1, grad[(0,) * lead].size)
         if g2.dtype.kind == "f" and g2.shape[0] > 1:
             xp = backend.get_array_module(grad)
             return (xp.ones(g2.shape[0], dtype=g2.dtype) @ g2).reshape(shape)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from tinygpt.function import Function, unbroadcast
+from tinygpt.ops.elementwise import as_operand
 from tinygpt.tensor import Tensor
 
 
@@ -74,6 +75,7 @@ class Linear(Function):
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
+    a, b = as_operand(a, b), as_operand(b, a)  # a NumPy operand takes the tensor's dtype and device
     if a.ndim == 0 or b.ndim == 0:
         raise ValueError("matmul: both operands need at least 1 dimension; use * for a scalar")
     if a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
