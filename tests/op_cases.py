@@ -333,6 +333,24 @@ case("attention_dropout_reseeded",
      _reseeded(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)),
      randn((1, 2, 4, 3), (1, 2, 4, 3), (1, 2, 4, 3)))
 
+# non-contiguous inputs (views), as a model makes them: (B, T, H, hs) -> (B, H, T, hs), sliced logits
+case("attention_of_transposed_views",
+     lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)),
+     randn((2, 4, 2, 3), (2, 4, 2, 3), (2, 4, 2, 3)),
+     lambda q, k, v: np_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2)),
+     lambda T, q, k, v: T.nn.functional.scaled_dot_product_attention(
+         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True))
+case("gelu_of_transposed", lambda x: F.gelu(x.T), randn((5, 3)), lambda x: np_gelu(x.T),
+     lambda T, x: T.nn.functional.gelu(x.T))
+case("softmax_of_transposed", lambda x: F.softmax(x.transpose(0, 1)), randn((4, 3, 2)),
+     lambda x: np_softmax(x.swapaxes(0, 1)), lambda T, x: T.softmax(x.transpose(0, 1), -1))
+case("layer_norm_of_transposed", lambda x, w: F.layer_norm(x.T, w), randn((3, 5), (3,)),
+     lambda x, w: np_layer_norm(x.T, w), lambda T, x, w: T.nn.functional.layer_norm(x.T, (3,), w))
+case("cross_entropy_of_sliced_logits", lambda z, t: F.cross_entropy(z[:, :-1], t),
+     lambda rng: [rng.standard_normal((2, 4, 5)), rng.integers(0, 5, (2, 3))],
+     lambda z, t: np_cross_entropy(z[:, :-1], t),
+     lambda T, z, t: T.nn.functional.cross_entropy(z[:, :-1].reshape(-1, 5), t.reshape(-1)))
+
 # a small network's worth of ops in one graph
 case("mlp_block", lambda x, w1, w2, g: F.layer_norm(x + F.linear(F.gelu(F.linear(x, w1)), w2), g).sum(-1),
      randn((2, 3, 4), (8, 4), (4, 8), (4,)),

@@ -29,6 +29,27 @@ def test_forward_matches_numpy(case, device, rng):
     assert_allclose(out.numpy(), expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_backward_takes_read_only_broadcast_grads_and_never_writes_them(case, dtype, device, rng):
+    """y.sum().backward() hands y's op a read-only, stride-0 view of ones; y.backward(g) hands it g itself.
+    Both must give the same gradients, and no backward may write into the gradient it is given."""
+    arrays = case.inputs(rng)
+    tinygpt.manual_seed(0)
+    a = make_tensors(arrays, device, dtype)
+    case.fn(*a).sum().backward()
+    tinygpt.manual_seed(0)
+    b = make_tensors(arrays, device, dtype)
+    y = case.fn(*b)
+    g = tinygpt.backend.to_device(np.ones(y.shape, dtype), y.device)
+    y.backward(g)
+    assert (tinygpt.backend.to_numpy(g) == 1).all(), "backward wrote into the caller's gradient"
+    for ta, tb in zip(a, b):
+        if ta.requires_grad:
+            assert_allclose(tinygpt.backend.to_numpy(ta.grad), tinygpt.backend.to_numpy(tb.grad),
+                            rtol=1e-6, atol=1e-7)
+
+
 def _t(a, device, **kw):
     return tinygpt.tensor(a, device=device, **kw)
 
@@ -43,6 +64,12 @@ def test_max_shares_gradient_among_ties(device):
     y = _t([5.0, 1.0, 5.0], device, requires_grad=True)
     y.max().backward()
     assert_allclose(tinygpt.backend.to_numpy(y.grad), [0.5, 0, 0.5])
+
+
+def test_pow_gradients_at_zero(device):
+    x = _t([0.0, 0.0, 0.0], device, requires_grad=True)
+    (x ** 0 + x ** 1 + x ** 2).sum().backward()  # 0 + 1 + 0, as torch gives
+    assert_allclose(tinygpt.backend.to_numpy(x.grad), [1.0, 1.0, 1.0])
 
 
 def test_getitem_repeated_indices_accumulate(device):

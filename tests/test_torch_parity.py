@@ -170,3 +170,25 @@ def test_dropout_scaling_matches_torch_semantics(device):
     assert abs(kept.mean() - 0.8) < 0.02
     gexp = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32) * kept / 0.8
     assert_allclose(g, gexp, rtol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_big_attention_matches_torch(causal, device, rng):
+    """Big enough (B·H·T·T = 131072 scores) for the CPU's blocked, threaded softmax kernels."""
+    q, k, v = (rng.standard_normal((2, 4, 128, 16)) for _ in range(3))
+    y, yt, grads = _both(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal),
+                         lambda T, q, k, v: T.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                         [q, k, v], device)
+    assert_allclose(y, yt, rtol=1e-4, atol=1e-5)
+    for g, gt in grads:
+        assert_allclose(g, gt, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_big_gelu_matches_torch(approximate, device, rng):
+    """(256, 512) activations: the CPU's blocked, threaded GELU kernels."""
+    x = rng.standard_normal((256, 512))
+    y, yt, [(g, gt)] = _both(lambda a: F.gelu(a, approximate=approximate),
+                             lambda T, a: T.nn.functional.gelu(a, approximate=approximate), [x], device)
+    assert_allclose(y, yt, rtol=1e-5, atol=2e-6)
+    assert_allclose(g, gt, rtol=1e-5, atol=5e-6)

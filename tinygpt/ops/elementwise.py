@@ -96,6 +96,8 @@ class Pow(Function):
     @staticmethod
     def backward(ctx, g):  # d(a^p)/da = p a^(p-1)
         (a,) = ctx.saved_tensors
+        if ctx.p == 0:  # a⁰ = 1 everywhere: the gradient is 0, also at a = 0 (not 0·0⁻¹ = nan)
+            return ctx.xp.zeros_like(g), None
         return g * ctx.p * a ** (ctx.p - 1), None
 
 
