@@ -59,8 +59,7 @@ def _t(a, device, **kw):
 def test_max_shares_gradient_among_ties(device):
     x = _t([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0]], device, requires_grad=True)
     x.max(axis=1).sum().backward()
-    assert_allclose(x.grad_numpy() if hasattr(x, "grad_numpy") else tinygpt.backend.to_numpy(x.grad),
-                    [[0, 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3]], rtol=1e-6)
+    assert_allclose(tinygpt.backend.to_numpy(x.grad), [[0, 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3]], rtol=1e-6)
     y = _t([5.0, 1.0, 5.0], device, requires_grad=True)
     y.max().backward()
     assert_allclose(tinygpt.backend.to_numpy(y.grad), [0.5, 0, 0.5])
@@ -144,7 +143,7 @@ def test_softmax_extreme_inputs_are_finite(device, fn):
     y = fn(x)
     (y * _t(np.array([[1.0, 2.0, 3.0], [1.0, -1.0, 0.5]]), device)).sum().backward()
     out = y.numpy()
-    assert np.isfinite(out[:, :]).sum() >= 4 and np.isfinite(tinygpt.backend.to_numpy(x.grad)).all()
+    assert np.isfinite(out).all() and np.isfinite(tinygpt.backend.to_numpy(x.grad)).all()
     if fn is F.softmax:
         assert_allclose(out, [[1, 0, 0], [1 / 3, 1 / 3, 1 / 3]], atol=1e-7)
     else:
