@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import math
 
-from tinygpt import backend
+from tinygpt import backend, cpu_kernels
 from tinygpt.function import Function
 from tinygpt.tensor import Tensor
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _fast_cpu(ctx, x) -> bool:
+    """Use the blocked, threaded NumPy kernels? (CPU, float32/float16; float64 stays exact for gradchecks)."""
+    return ctx.device.name == "cpu" and x.dtype.itemsize <= 4
 
 
 def _c(x, value):
@@ -38,16 +43,22 @@ class GELU(Function):
     @staticmethod
     def forward(ctx, x, approximate="none"):
         xp = ctx.xp
-        ctx.save_for_backward(x)
         ctx.approximate = approximate
         if approximate == "tanh":
+            ctx.save_for_backward(x, None)
             inner = _c(x, _SQRT_2_OVER_PI) * (x + _c(x, 0.044715) * x * x * x)
             return _c(x, 0.5) * x * (1 + xp.tanh(inner))
-        return x * backend.normal_cdf(x)
+        if _fast_cpu(ctx, x):
+            y, cdf = cpu_kernels.gelu_forward(x)          # the same math, cache-blocked and threaded
+        else:
+            cdf = backend.normal_cdf(x)                   # Φ(x)
+            y = x * cdf
+        ctx.save_for_backward(x, cdf)
+        return y
 
     @staticmethod
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors
+        x, cdf = ctx.saved_tensors
         xp = ctx.xp
         if ctx.approximate == "tanh":
             # y = ½x(1+t), t = tanh(u), u = k(x + 0.044715x³):  y' = ½(1+t) + ½x(1-t²)k(1 + 3·0.044715x²)
@@ -56,7 +67,8 @@ class GELU(Function):
             dy = _c(x, 0.5) * (1 + t) + _c(x, 0.5) * x * (1 - t * t) * k * (1 + _c(x, 3 * 0.044715) * x * x)
             return g * dy, None
         # y = xΦ(x): y' = Φ(x) + x φ(x), φ(x) = e^(-x²/2)/√(2π)
-        cdf = backend.normal_cdf(x)
+        if _fast_cpu(ctx, x):
+            return cpu_kernels.gelu_backward(g, x, cdf), None
         pdf = _c(x, _INV_SQRT_2PI) * xp.exp(_c(x, -0.5) * x * x)
         return g * (cdf + x * pdf), None
 

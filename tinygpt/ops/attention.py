@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 
-from tinygpt import backend
+import numpy as np
+
+from tinygpt import backend, cpu_kernels
 from tinygpt.function import Function
 from tinygpt.tensor import Tensor
 
@@ -25,6 +27,18 @@ def causal_mask(xp, Tq: int, Tk: int):
     return xp.triu(xp.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)
 
 
+_additive_masks: dict = {}
+
+
+def _additive_causal_mask(Tq: int, Tk: int, dtype):
+    """(Tq, Tk) NumPy array of 0 (may see) and -inf (may not), cached: adding it is one pass."""
+    key = (Tq, Tk, dtype)
+    if key not in _additive_masks:
+        m = causal_mask(np, Tq, Tk)
+        _additive_masks[key] = np.where(m, -np.inf, 0).astype(dtype)
+    return _additive_masks[key]
+
+
 class ScaledDotProductAttention(Function):
     @staticmethod
     def forward(ctx, q, k, v, causal=True, dropout_p=0.0, scale=None):
@@ -32,12 +46,16 @@ class ScaledDotProductAttention(Function):
         Tq, Tk = q.shape[-2], k.shape[-2]
         scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
         s = q @ k.swapaxes(-1, -2)                                # (B, H, Tq, Tk)
-        s *= scale
-        if causal:
-            s[..., causal_mask(xp, Tq, Tk)] = -xp.inf
-        s -= s.max(axis=-1, keepdims=True)
-        p = xp.exp(s, out=s)                                      # softmax in place of the scores
-        p /= p.sum(axis=-1, keepdims=True)
+        if ctx.device.name == "cpu":                              # blocked, threaded, in place
+            mask = _additive_causal_mask(Tq, Tk, s.dtype) if causal else None
+            p = cpu_kernels.softmax_lastaxis_(s, scale, mask)
+        else:
+            s *= scale
+            if causal:
+                s[..., causal_mask(xp, Tq, Tk)] = -xp.inf
+            s -= s.max(axis=-1, keepdims=True)
+            p = xp.exp(s, out=s)                                  # softmax in place of the scores
+            p /= p.sum(axis=-1, keepdims=True)
         mask = None
         if dropout_p > 0.0:
             keep = backend.device_rng(ctx.device).random(p.shape, dtype=p.dtype) >= dropout_p
@@ -58,10 +76,12 @@ class ScaledDotProductAttention(Function):
         if mask is not None:
             dp *= mask
         # softmax backward, in place: dS = P ⊙ (dP - Σ dP ⊙ P) · scale
-        row = (dp * p).sum(axis=-1, keepdims=True)
-        dp -= row
-        dp *= p
-        dp *= scale
+        if ctx.device.name == "cpu":
+            cpu_kernels.softmax_backward_(dp, p, scale)
+        else:
+            dp -= (dp * p).sum(axis=-1, keepdims=True)
+            dp *= p
+            dp *= scale
         dq = dp @ k if nq else None                               # (B, H, Tq, hs)
         dk = dp.swapaxes(-1, -2) @ q if nk else None              # (B, H, Tk, hs)
         return dq, dk, dv

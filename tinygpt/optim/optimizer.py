@@ -91,6 +91,7 @@ class Optimizer:
         """
         loss = closure() if closure is not None else None
         for group in self.param_groups:
+            items = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -98,8 +99,14 @@ class Optimizer:
                 if state is None:
                     state = self.state[p] = self._init_state(p)
                 state["step"] += 1                                   # t ← t + 1 (a host int: no sync)
-                self._update_param(p, p.grad, state, group)
+                items.append((p, state))
+            self._update_group(items, group)
         return loss
+
+    def _update_group(self, items: list, group: dict) -> None:
+        """Update one group's (param, state) pairs; a subclass may fuse them into one kernel."""
+        for p, state in items:
+            self._update_param(p, p.grad, state, group)
 
     def _init_state(self, p: Tensor) -> dict:
         """The state of a parameter before its first update."""

@@ -1,0 +1,241 @@
+"""Fused elementwise kernels for the CPU, in NumPy: the work that BLAS does not do.
+
+Two tricks make plain NumPy fast here:
+  1. Cache blocking. A chain of ufuncs over a 12 MB activation streams it through memory once per op;
+     the same chain over 16K-element blocks keeps each block (and its temporaries) in L2 cache.
+  2. Threads. NumPy releases the GIL inside ufunc loops, so the blocks can be shared out to a small
+     thread pool, one worker per core, and the second core joins in (BLAS already uses it for matmuls).
+
+Every kernel here takes and returns NumPy arrays only; the ops call them when `ctx.xp is numpy` and use
+their plain xp versions otherwise (CuPy has its own fused kernels in cuda_kernels.py).
+The math of each kernel is written in its docstring; the op that uses it has the same math beside it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+
+BLOCK = 16384          # elements per cache block (64 KiB of float32)
+MIN_PARALLEL = 65536   # below this many elements, run inline: a thread hop costs more than it saves
+
+
+def num_threads() -> int:
+    """Worker count: $TINYGPT_NUM_THREADS, else the cores this process may run on."""
+    env = os.environ.get("TINYGPT_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _get_pool() -> ThreadPoolExecutor | None:
+    global _pool
+    n = num_threads()
+    if n <= 1:
+        return None
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="tinygpt")
+    return _pool
+
+
+def parallel_blocks(fn: Callable[[int, int], None], n: int, block: int = BLOCK, align: int = 1,
+                    item_size: int = 1) -> None:
+    """Call fn(lo, hi) over [0, n) in blocks of about `block` items, split evenly among the threads.
+
+    `align`: block edges fall on multiples of it (so a block holds whole matrices). `item_size`: elements
+    per item (a row's length), to judge whether the work is big enough to share out.
+    """
+    block = max(align, block // align * align)
+    pool = _get_pool() if n * item_size >= MIN_PARALLEL else None
+
+    def run(lo: int, hi: int) -> None:
+        for s in range(lo, hi, block):
+            fn(s, min(s + block, hi))
+
+    if pool is None:
+        run(0, n)
+        return
+    parts = num_threads()
+    edges = [(n * i // parts) // align * align for i in range(parts)] + [n]
+    futures = [pool.submit(run, edges[i], edges[i + 1]) for i in range(1, parts)]
+    run(edges[0], edges[1])
+    for f in futures:
+        f.result()
+
+
+# --- normal CDF and GELU ---------------------------------------------------------------------------
+_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+_P = 0.3275911
+
+
+def _cdf_block(x: np.ndarray, out: np.ndarray) -> None:
+    """out = Φ(x) = ½ + ½ sign(x) erf(|x|/√2), erf(a) = 1 - (a1 t + ... + a5 t⁵) e^(-a²), t = 1/(1 + p a)
+
+    (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7). sign(x) is x/(|x| + 1e-30): NumPy's divide is
+    vectorized where its reciprocal, sign and copysign are not, and erf(0) = 0 makes x = 0 exact.
+    """
+    c = x.dtype.type
+    ax = np.abs(x)
+    a = ax * c(math.sqrt(0.5))                   # a = |x|/√2
+    t = a * c(_P)
+    t += c(1)
+    np.divide(c(1), t, out=t)                    # t = 1/(1 + p a)
+    poly = t * c(_A[4])
+    for coef in _A[3::-1]:                       # Horner: ((a5 t + a4) t + a3) t ... + a1) t
+        poly += c(coef)
+        poly *= t
+    np.multiply(a, a, out=a)
+    np.negative(a, out=a)
+    np.exp(a, out=a)                             # e^(-a²)
+    poly *= a
+    poly *= c(-0.5)
+    poly += c(0.5)                               # ½ erf(a)
+    ax += c(1e-30)
+    np.divide(x, ax, out=ax)                     # sign(x)
+    np.multiply(poly, ax, out=out)
+    out += c(0.5)
+
+
+def normal_cdf(x: np.ndarray) -> np.ndarray:
+    """Φ(x) for a float32 (or float16) NumPy array, blocked and threaded."""
+    x = np.ascontiguousarray(x)
+    out = np.empty_like(x)
+    xf, of = x.reshape(-1), out.reshape(-1)
+    parallel_blocks(lambda lo, hi: _cdf_block(xf[lo:hi], of[lo:hi]), xf.size)
+    return out
+
+
+def gelu_forward(x: np.ndarray) -> tuple:
+    """y = x Φ(x); also returns Φ(x), which the backward reuses."""
+    x = np.ascontiguousarray(x)
+    y, cdf = np.empty_like(x), np.empty_like(x)
+    xf, yf, cf = x.reshape(-1), y.reshape(-1), cdf.reshape(-1)
+
+    def block(lo: int, hi: int) -> None:
+        _cdf_block(xf[lo:hi], cf[lo:hi])
+        np.multiply(xf[lo:hi], cf[lo:hi], out=yf[lo:hi])
+
+    parallel_blocks(block, xf.size)
+    return y, cdf
+
+
+def gelu_backward(g: np.ndarray, x: np.ndarray, cdf: np.ndarray) -> np.ndarray:
+    """dx = g (Φ(x) + x φ(x)), φ(x) = e^(-x²/2)/√(2π)."""
+    g, x = np.ascontiguousarray(g), np.ascontiguousarray(x)
+    out = np.empty_like(x)
+    gf, xf, cf, of = g.reshape(-1), x.reshape(-1), cdf.reshape(-1), out.reshape(-1)
+    c = x.dtype.type
+
+    def block(lo: int, hi: int) -> None:
+        xs, o = xf[lo:hi], of[lo:hi]
+        np.multiply(xs, xs, out=o)
+        o *= c(-0.5)
+        np.exp(o, out=o)
+        o *= c(1.0 / math.sqrt(2.0 * math.pi))   # φ(x)
+        o *= xs
+        o += cf[lo:hi]
+        o *= gf[lo:hi]
+
+    parallel_blocks(block, xf.size)
+    return out
+
+
+# --- softmax over the last axis (attention) ---------------------------------------------------------
+def softmax_lastaxis_(s: np.ndarray, scale: float = 1.0, additive_mask: np.ndarray | None = None) -> np.ndarray:
+    """In place: s = softmax(s·scale + mask) over the last axis. s: (..., Tq, Tk), mask: (Tq, Tk) of 0/-inf."""
+    Tq, Tk = s.shape[-2], s.shape[-1]
+    rows = s.reshape(-1, Tk)
+    c = s.dtype.type
+
+    def block(lo: int, hi: int) -> None:
+        r = rows[lo:hi]                                             # whole (Tq, Tk) matrices
+        if scale != 1.0:
+            r *= c(scale)
+        if additive_mask is not None:
+            r.reshape(-1, Tq, Tk)[...] += additive_mask
+        r -= r.max(axis=1, keepdims=True)
+        np.exp(r, out=r)
+        r /= r.sum(axis=1, keepdims=True)
+
+    parallel_blocks(block, rows.shape[0], block=max(Tq, BLOCK // Tk), align=Tq, item_size=Tk)
+    return s
+
+
+def softmax_backward_(dp: np.ndarray, p: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """In place: dp = p ⊙ (dp - Σ_k dp ⊙ p) · scale over the last axis."""
+    Tk = p.shape[-1]
+    d2, p2 = dp.reshape(-1, Tk), p.reshape(-1, Tk)
+    c = p.dtype.type
+
+    def block(lo: int, hi: int) -> None:
+        d, pp = d2[lo:hi], p2[lo:hi]
+        d -= np.einsum("ij,ij->i", d, pp)[:, None]
+        d *= pp
+        if scale != 1.0:
+            d *= c(scale)
+
+    parallel_blocks(block, d2.shape[0], block=max(1, BLOCK // Tk), item_size=Tk)
+    return dp
+
+
+# --- Adam / AdamW over all parameters at once -------------------------------------------------------
+def adam_fusable(theta, grad) -> bool:
+    """Can `adam_step` update this parameter? (NumPy, float32, contiguous, grad of the same shape)."""
+    return (isinstance(theta, np.ndarray) and isinstance(grad, np.ndarray) and theta.dtype == np.float32
+            and grad.dtype == np.float32 and theta.shape == grad.shape and theta.flags.c_contiguous)
+
+
+def adam_step(params: list, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+              decoupled: bool) -> None:
+    """One Adam/AdamW step over every (θ, g, m, v, t) in `params`, in place, block by block:
+
+        AdamW: θ ← θ(1 − α λ)          Adam: g ← g + λ θ
+        m ← β1 m + (1 − β1) g;   v ← β2 v + (1 − β2) g²
+        θ ← θ − (α / (1 − β1^t)) · m / (√v / √(1 − β2^t) + ε)
+
+    The blocks of all parameters are shared out among the threads, so the whole update streams each
+    array through memory once instead of once per operation.
+    """
+    c = np.float32
+    tasks = []                                    # (param index, lo, hi) over the flattened arrays
+    for i, (theta, *_rest) in enumerate(params):
+        n = theta.size
+        tasks += [(i, lo, min(lo + BLOCK, n)) for lo in range(0, n, BLOCK)]
+    flat = [(th.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), t) for th, g, m, v, t in params]
+
+    def block(k0: int, k1: int) -> None:
+        tmp = np.empty(BLOCK, np.float32)
+        for i, lo, hi in tasks[k0:k1]:
+            theta, g, m, v, t = flat[i]
+            th, gb, mb, vb, w = theta[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], tmp[:hi - lo]
+            if weight_decay != 0.0:
+                if decoupled:
+                    th *= c(1.0 - lr * weight_decay)
+                else:
+                    gb = th * c(weight_decay)
+                    gb += g[lo:hi]
+            mb *= c(beta1)
+            np.multiply(gb, c(1.0 - beta1), out=w)
+            mb += w
+            vb *= c(beta2)
+            np.multiply(gb, gb, out=w)
+            w *= c(1.0 - beta2)
+            vb += w
+            np.sqrt(vb, out=w)
+            w *= c(1.0 / math.sqrt(1.0 - beta2 ** t))
+            w += c(eps)
+            np.divide(mb, w, out=w)
+            w *= c(lr / (1.0 - beta1 ** t))
+            th -= w
+
+    # each thread takes a contiguous share of the blocks (parallel_blocks's block = all of them)
+    parallel_blocks(block, len(tasks), block=max(1, len(tasks)), item_size=BLOCK)
