@@ -239,3 +239,69 @@ def adam_step(params: list, lr: float, beta1: float, beta2: float, eps: float, w
 
     # each thread takes a contiguous share of the blocks (parallel_blocks's block = all of them)
     parallel_blocks(block, len(tasks), block=max(1, len(tasks)), item_size=BLOCK)
+
+
+# --- layer norm over the last axis -------------------------------------------------------------------
+def layer_norm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, eps: float) -> tuple:
+    """y = x̂ w + b, x̂ = (x - μ) r, r = 1/√(σ² + ε), row by row. Returns (y, x̂, r) with r (..., 1)."""
+    C = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, C)
+    y, xhat = np.empty_like(x2), np.empty_like(x2)
+    rstd = np.empty((x2.shape[0], 1), x.dtype)
+    c = x.dtype.type
+    ones = np.full(C, 1.0 / C, x.dtype)                    # row means as a GEMV: (N, C) @ (C,)
+
+    def block(lo: int, hi: int) -> None:
+        xs, xh, r = x2[lo:hi], xhat[lo:hi], rstd[lo:hi]
+        np.subtract(xs, (xs @ ones)[:, None], out=xh)      # x - μ
+        np.multiply(xh, xh, out=y[lo:hi])
+        r[:, 0] = y[lo:hi] @ ones                          # σ²
+        r += c(eps)
+        np.sqrt(r, out=r)
+        np.divide(c(1), r, out=r)                          # r = 1/√(σ² + ε)
+        xh *= r                                            # x̂
+        np.multiply(xh, w, out=y[lo:hi])
+        if b is not None:
+            y[lo:hi] += b
+
+    parallel_blocks(block, x2.shape[0], block=max(1, BLOCK // C), item_size=C)
+    return y.reshape(x.shape), xhat.reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,))
+
+
+def layer_norm_backward(g: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """dx = r (dx̂ - mean(dx̂) - x̂ mean(dx̂ x̂)), dx̂ = g w, row by row."""
+    C = xhat.shape[-1]
+    g2, xh2, r2 = np.ascontiguousarray(g).reshape(-1, C), xhat.reshape(-1, C), rstd.reshape(-1, 1)
+    dx = np.empty_like(xh2)
+    ones = np.full(C, 1.0 / C, xhat.dtype)
+
+    def block(lo: int, hi: int) -> None:
+        d, xh = dx[lo:hi], xh2[lo:hi]
+        np.multiply(g2[lo:hi], w, out=d)                   # dx̂
+        m1 = d @ ones                                      # mean(dx̂)
+        m2 = np.einsum("ij,ij->i", d, xh) / C              # mean(dx̂ x̂)
+        d -= m1[:, None]
+        d -= xh * m2[:, None].astype(d.dtype)
+        d *= r2[lo:hi]
+
+    parallel_blocks(block, xh2.shape[0], block=max(1, BLOCK // C), item_size=C)
+    return dx.reshape(xhat.shape)
+
+
+# --- embedding backward ------------------------------------------------------------------------------
+def embedding_backward(ids: np.ndarray, g: np.ndarray, num_embeddings: int) -> np.ndarray:
+    """dW[v] = Σ_{n: ids[n] = v} g[n]:  (N,) ids, (N, C) g -> (V, C).
+
+    Sort the ids, then sum each run of equal ids with np.add.reduceat: several times faster than
+    np.add.at, which updates one row at a time.
+    """
+    ids = ids.reshape(-1)
+    g = g.reshape(ids.size, -1)
+    out = np.zeros((num_embeddings, g.shape[1]), g.dtype)
+    if ids.size == 0:
+        return out
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    out[sorted_ids[starts]] = np.add.reduceat(g[order], starts, axis=0)
+    return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tinygpt import backend
+from tinygpt import backend, cpu_kernels
 from tinygpt.function import Function, unbroadcast
 from tinygpt.ops.elementwise import as_operand
 from tinygpt.tensor import Tensor
@@ -48,6 +48,10 @@ class LayerNorm(Function):
     @staticmethod
     def forward(ctx, x, weight, bias=None, eps=1e-5):
         xp = ctx.xp
+        if ctx.device.name == "cpu":                             # the same math, blocked and threaded
+            y, xhat, rstd = cpu_kernels.layer_norm_forward(x, weight, bias, eps)
+            ctx.save_for_backward(xhat, rstd, weight)
+            return y
         mu = x.mean(axis=-1, keepdims=True)
         xc = x - mu
         var = (xc * xc).mean(axis=-1, keepdims=True)
@@ -67,7 +71,9 @@ class LayerNorm(Function):
         nx, nw, *nb = ctx.needs_input_grad
         C = xhat.shape[-1]
         gx = gw = gb = None
-        if nx:
+        if nx and ctx.device.name == "cpu":
+            gx = cpu_kernels.layer_norm_backward(g, xhat, rstd, w)
+        elif nx:
             dxhat = g * w
             gx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
                          - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
@@ -87,6 +93,8 @@ class Embedding(Function):
     @staticmethod
     def backward(ctx, g):  # dW[v] = Σ of g over every position whose id is v (a scatter-add)
         idx, shape = ctx.saved_tensors
+        if ctx.device.name == "cpu":                             # sort + segment sums
+            return None, cpu_kernels.embedding_backward(idx, g, shape[0])
         gw = ctx.xp.zeros(shape, dtype=g.dtype)
         backend.scatter_add(ctx.xp, gw, idx.reshape(-1), g.reshape(-1, shape[1]))
         return None, gw
