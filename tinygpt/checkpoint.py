@@ -1,0 +1,220 @@
+"""Checkpoints: one safetensors file holding the weights, the optimizer moments and a JSON header.
+
+Layout of `ckpt_last.safetensors` / `ckpt_best.safetensors`:
+
+    tensors   "model.<name>"               every unique parameter (a tied weight once, under its first name)
+              "optim.<index>.<key>"        optimizer arrays: exp_avg, exp_avg_sq (AdamW), momentum_buffer (SGD)
+    metadata  "tinygpt": JSON with         format/version, model config, tokenizer, iteration, best val loss,
+                                           RNG states, optimizer steps + param groups, schedule, run settings,
+                                           the aliases of tied weights, and a sha256 of every tensor's bytes
+
+There is no pickle anywhere: safetensors stores raw little-endian arrays and JSON, so loading a checkpoint
+cannot run code. Writes are atomic (temporary file in the same folder, fsync, rename, fsync the folder):
+a crash leaves either the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "tinygpt-checkpoint"
+VERSION = 1
+LAST, BEST = "ckpt_last.safetensors", "ckpt_best.safetensors"
+
+__all__ = ["CheckpointError", "Checkpoint", "save", "load", "checkpoint_path", "find_checkpoint",
+           "load_model", "LAST", "BEST"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, corrupt, or does not fit the model."""
+
+
+@dataclass
+class Checkpoint:
+    """What `load` returns: the JSON header and the arrays, split into model weights and optimizer state."""
+    meta: dict
+    model_state: dict[str, np.ndarray]                 # name -> array, tied weights under every name
+    optim_state: dict | None = None                    # optimizer.state_dict() layout, or None
+    path: Path | None = field(default=None)
+
+    @property
+    def iter(self) -> int:
+        return int(self.meta.get("iter", 0))
+
+
+def checkpoint_path(out_dir: str | Path, which: str = "last") -> Path:
+    """`out_dir/ckpt_last.safetensors` or `out_dir/ckpt_best.safetensors`."""
+    if which not in ("last", "best"):
+        raise ValueError(f"which must be 'last' or 'best', got {which!r}")
+    return Path(out_dir) / (LAST if which == "last" else BEST)
+
+
+def find_checkpoint(out_dir: str | Path, prefer: str = "best") -> Path:
+    """The preferred checkpoint in out_dir if it exists, else the other one; CheckpointError if neither."""
+    order = ["best", "last"] if prefer == "best" else ["last", "best"]
+    for which in order:
+        p = checkpoint_path(out_dir, which)
+        if p.is_file():
+            return p
+    raise CheckpointError(f"no checkpoint in {str(out_dir)!r} (looked for {LAST} and {BEST}); "
+                          f"train one with: tinygpt train --out-dir {out_dir}")
+
+
+def _digest(tensors: dict[str, np.ndarray]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return                      # e.g. Windows: directories cannot be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(path: str | Path, model: Any, optimizer: Any = None, meta: dict | None = None) -> Path:
+    """Atomically write `model` (and `optimizer`'s state) with JSON `meta` to `path` (a .safetensors file).
+
+    `meta` must be JSON-able; the model's `config_dict()` is added as "model_config" when it has one.
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    tensors: dict[str, np.ndarray] = {}
+    aliases: dict[str, str] = {}
+    first_name: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first_name:                                   # a tied weight: store it once
+            aliases[name] = first_name[id(p)]
+            continue
+        first_name[id(p)] = name
+        tensors[f"model.{name}"] = np.ascontiguousarray(p.numpy())
+    header = dict(meta or {})
+    if hasattr(model, "config_dict"):
+        header.setdefault("model_config", model.config_dict())
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        scalars: dict[str, dict] = {}
+        for idx, st in sd["state"].items():
+            scalars[str(idx)] = {}
+            for key, value in st.items():
+                if isinstance(value, np.ndarray):
+                    tensors[f"optim.{idx}.{key}"] = np.ascontiguousarray(value)
+                else:
+                    scalars[str(idx)][key] = value               # "step" counts, None buffers
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+                  for g in sd["param_groups"]]
+        header["optimizer"] = {"type": type(optimizer).__name__, "state": scalars, "param_groups": groups}
+    header.update(format=FORMAT, version=VERSION, aliases=aliases, tensors_sha256=_digest(tensors))
+    try:
+        text = json.dumps(header, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint metadata is not plain JSON ({e}); pass numbers, strings, "
+                              f"lists and dicts only") from None
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"tinygpt": text})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                             # mkstemp's 0600 -> the usual mode
+        with open(tmp, "rb+") as f:                               # flush the bytes to the disk
+            os.fsync(f.fileno())
+        os.replace(tmp, path)                                     # atomic on POSIX and Windows
+        _fsync_dir(path.parent)                                   # ... and make the rename durable
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by `save`; CheckpointError (one line) if it is missing or damaged."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; train one first "
+                              f"(tinygpt train --out-dir {path.parent})")
+    try:
+        with safe_open(str(path), framework="np") as f:
+            raw_meta = (f.metadata() or {}).get("tinygpt")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated ({msg}); "
+                              f"delete it or resume from the other checkpoint") from None
+    if raw_meta is None:
+        raise CheckpointError(f"{str(path)!r} is a safetensors file but not a tinygpt checkpoint "
+                              f"(no 'tinygpt' metadata)")
+    try:
+        meta = json.loads(raw_meta)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} has a corrupt JSON header ({e.msg} at "
+                              f"position {e.pos})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a tinygpt checkpoint (format "
+                              f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format version {meta.get('version')!r}; "
+                              f"this tinygpt reads version {VERSION}")
+    if meta.get("tensors_sha256") != _digest(tensors):
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its tensors do not match the "
+                              f"checksum in its header; delete it or resume from the other checkpoint")
+
+    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    for alias, target in meta.get("aliases", {}).items():
+        if target not in model_state:
+            raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: {alias!r} is tied to "
+                                  f"{target!r}, which it does not contain")
+        model_state[alias] = model_state[target]                  # re-tie: the same array under both names
+    optim_state = None
+    if "optimizer" in meta:
+        om = meta["optimizer"]
+        state: dict[int, dict] = {}
+        for idx, scalars in om["state"].items():
+            state[int(idx)] = dict(scalars)
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, idx, key = k.split(".", 2)
+                state.setdefault(int(idx), {})[key] = v
+        optim_state = {"state": state, "param_groups": om["param_groups"]}
+    return Checkpoint(meta=meta, model_state=model_state, optim_state=optim_state, path=path)
+
+
+def load_model(path_or_dir: str | Path, device: Any = None, prefer: str = "best"):
+    """(model, tokenizer, checkpoint) from a checkpoint file, or the best (else last) one in a folder."""
+    from tinygpt import models, tokenizers
+
+    p = Path(path_or_dir)
+    ckpt = load(find_checkpoint(p, prefer) if p.is_dir() else p)
+    try:
+        model = models.model_from_config(ckpt.meta["model_config"])
+        model.load_state_dict(ckpt.model_state, strict=True)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {str(ckpt.path)!r} does not describe a usable model "
+                              f"({' '.join(str(e).split())})") from None
+    tok = tokenizers.from_dict(ckpt.meta["tokenizer"]) if "tokenizer" in ckpt.meta else None
+    if device is not None:
+        model.to(device)
+    return model, tok, ckpt
