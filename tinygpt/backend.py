@@ -248,8 +248,10 @@ def _tune_allocator() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest allowed value on 64-bit
-        libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+        # up to 1 GiB blocks from the heap; glibc versions that cap the threshold at 32 MiB refuse it
+        if not libc.mallopt(M_MMAP_THRESHOLD, 1 << 30):
+            libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)     # and keep freed memory for the next step
     except Exception:  # not glibc (musl, ...): nothing to tune
         pass
 

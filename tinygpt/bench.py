@@ -1,0 +1,280 @@
+"""`tinygpt bench`: time training steps, and race PyTorch eager on the same model in the same process.
+
+    tinygpt bench --preset cpu --batch-size 32            # the cpu-size GPT, tinygpt vs torch
+    tinygpt bench --preset video --batch-size 8 --json
+    tinygpt bench --preset cpu --memory-trace 1000        # RSS over 1,000 steps (is it flat?)
+    tinygpt bench --generate                              # KV-cached vs uncached sampling
+
+A step is forward, backward, gradient clipping at 1.0 and AdamW (decay on 2-D weights), on a fixed
+random batch. The two frameworks run in alternating rounds, so a noisy machine slows both alike; each
+reports the median of its steps. FLOPs per step count the matmuls: 6 per weight per token for the
+linear layers (forward 2, backward 4) and 12·L·T·C per token for attention's q·kᵀ and p·v. MFU is the
+achieved rate over this device's measured float32 matmul rate. Peak memory is each framework's own
+process's peak RSS on the CPU (measured in a child process each), the allocator's peak on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+import tinygpt
+from tinygpt import backend, optim
+from tinygpt.models import GPT, GPTConfig, get_preset
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="cpu", help="model size: cpu or video (default cpu)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: $TINYGPT_DEVICE or cpu)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 32 for cpu, 8 for video")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per framework (default 30 / 10)")
+    p.add_argument("--rounds", type=int, default=5, help="alternations of tinygpt and torch")
+    p.add_argument("--no-torch", action="store_true", help="time tinygpt alone")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    p.add_argument("--memory-trace", type=int, default=0, metavar="N",
+                   help="instead: train N steps and report the RSS growth")
+    p.add_argument("--generate", action="store_true",
+                   help="instead: tokens/s of generate() with and without the KV cache")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+
+
+_DEFAULTS = {"cpu": (32, 30), "video": (8, 10)}
+
+
+def model_config(preset: str) -> GPTConfig:
+    """The preset's GPT shape, for the 65-symbol Shakespeare vocabulary."""
+    if preset not in _DEFAULTS:
+        raise ValueError(f"bench: --preset must be one of {', '.join(_DEFAULTS)}, got {preset!r}")
+    d = get_preset(preset).model_config(65)
+    d.pop("model")
+    return GPTConfig(**d)
+
+
+def flops_per_step(config: GPTConfig, batch_size: int) -> float:
+    """Matmul FLOPs of one training step (forward + backward)."""
+    C, L, T, V = config.n_embd, config.n_layer, config.block_size, config.vocab_size
+    linear_weights = L * (C * 3 * C + C * C + 2 * C * 4 * C) + C * V   # c_attn, c_proj, mlp, lm_head
+    return batch_size * T * (6 * linear_weights + 12 * L * T * C)
+
+
+def matmul_peak_gflops(device: str) -> float:
+    """The best float32 n×n matmul rate seen on this device (n = 2048 CPU, 8192 CUDA)."""
+    xp = backend.get_device(device).xp
+    n = 8192 if device == "cuda" else 2048
+    a = xp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    best = float("inf")
+    for _ in range(5):
+        backend.synchronize(device)
+        t0 = time.perf_counter()
+        a @ a
+        backend.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def _setup(preset: str, batch_size: int, device: str) -> tuple:
+    """Our model, optimizer and batch, plus everything torch needs to mirror them."""
+    config = model_config(preset)
+    p = get_preset(preset)
+    tinygpt.manual_seed(0)
+    model = GPT(config, device=device)
+    model.train()
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, config.vocab_size, (batch_size, config.block_size))
+    tgt = rng.integers(0, config.vocab_size, (batch_size, config.block_size))
+    hyper = dict(lr=p.lr, weight_decay=p.weight_decay, betas=(p.beta1, p.beta2))
+    opt = optim.AdamW(optim.weight_decay_groups(model, p.weight_decay), lr=p.lr, betas=hyper["betas"])
+    x = tinygpt.tensor(idx, device=device)
+    y = tinygpt.tensor(tgt, device=device)
+
+    def step():
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        optim.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss
+
+    return config, model, step, (idx, tgt), hyper
+
+
+def _torch_step(config, model, batch, hyper, device) -> Callable:
+    from tinygpt import bench_torch
+    tmodel = bench_torch.build(config, model.state_dict(), device)
+    tmodel.train()
+    return bench_torch.make_step(tmodel, *batch, **hyper)
+
+
+def _timed(step: Callable, n: int, sync: Callable[[], None]) -> list:
+    out = []
+    for _ in range(n):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _rss_mb() -> float:
+    """Current resident set size in MiB (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        return 0.0
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024    # Linux reports KiB
+
+
+def _child_peak_rss(framework: str, preset: str, batch_size: int, device: str) -> float | None:
+    """Peak RSS of a fresh process that does 5 training steps with `framework` alone."""
+    cmd = [sys.executable, "-m", "tinygpt.bench", "--_child", framework, "--preset", preset,
+           "--batch-size", str(batch_size), "--device", device]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if res.returncode != 0:
+        return None
+    return float(json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+
+
+def _child(args: argparse.Namespace) -> int:
+    config, model, step, batch, hyper = _setup(args.preset, args.batch_size, args.device)
+    if args._child == "torch":
+        step = _torch_step(config, model, batch, hyper, args.device)
+        del model
+    for _ in range(5):
+        step()
+    print(json.dumps({"peak_rss_mb": _peak_rss_mb()}))
+    return 0
+
+
+def _memory_trace(args, batch_size: int, device: str) -> dict:
+    """Train N steps; RSS after a 10% warm-up and at the end: the graph must not leak."""
+    _, _, step, _, _ = _setup(args.preset, batch_size, device)
+    n = args.memory_trace
+    samples = []
+    for i in range(1, n + 1):
+        step()
+        if i % max(1, n // 20) == 0 or i == n:
+            samples.append((i, _rss_mb()))
+    warm = next(rss for i, rss in samples if i >= max(1, n // 10))
+    return {"mode": "memory-trace", "preset": args.preset, "device": device, "batch_size": batch_size,
+            "steps": n, "rss_after_warmup_mb": round(warm, 1), "rss_end_mb": round(samples[-1][1], 1),
+            "growth_pct": round(100 * (samples[-1][1] - warm) / warm, 2),
+            "samples": [(i, round(r, 1)) for i, r in samples]}
+
+
+def _generate(args, device: str) -> dict:
+    """Sample 255 tokens after a 1-token prompt (so the context reaches 256) with and without the cache."""
+    config = GPTConfig(**{**model_config("video").__dict__, "dropout": 0.0})
+    model = GPT(config, device=device)
+    result = {"mode": "generate", "device": device, "context": config.block_size}
+    outputs = {}
+    for use_cache in (True, False):
+        tinygpt.manual_seed(7)
+        t0 = time.perf_counter()
+        out = model.generate([[0]], config.block_size - 1, use_cache=use_cache)
+        dt = time.perf_counter() - t0
+        outputs[use_cache] = out.numpy()
+        result["tokens_per_s_cached" if use_cache else "tokens_per_s_uncached"] = round(
+            (config.block_size - 1) / dt, 1)
+    result["speedup"] = round(result["tokens_per_s_cached"] / result["tokens_per_s_uncached"], 2)
+    result["identical_tokens"] = bool(np.array_equal(outputs[True], outputs[False]))
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    device = backend.get_device(args.device).name
+    preset = getattr(args, "preset", "cpu")
+    bs_default, steps_default = _DEFAULTS.get(preset, (None, None))
+    model_config(preset)                                          # validate --preset early
+    batch_size = args.batch_size or bs_default
+    steps = args.steps or steps_default
+    if batch_size < 1 or steps < 1:
+        raise ValueError(f"bench: --batch-size and --steps must be positive, got {batch_size} and {steps}")
+    args.batch_size, args.device = batch_size, device
+    if getattr(args, "_child", None):
+        return _child(args)
+    if getattr(args, "memory_trace", 0):
+        return _report(_memory_trace(args, batch_size, device), args.json)
+    if getattr(args, "generate", False):
+        return _report(_generate(args, device), args.json)
+
+    config, model, step, batch, hyper = _setup(preset, batch_size, device)
+    sync = lambda: backend.synchronize(device)                    # noqa: E731
+    racers: dict[str, Callable] = {"tinygpt": step}
+    torch_version, torch_sync = None, sync
+    if not getattr(args, "no_torch", False):
+        try:
+            import torch
+            torch_version = torch.__version__
+            from tinygpt import bench_torch
+            racers["torch"] = _torch_step(config, model, batch, hyper, device)
+            torch_sync = lambda: bench_torch.synchronize(device)  # noqa: E731
+        except ImportError:
+            pass
+    losses = {}
+    for name, s in racers.items():                                # warm-up; step 0's loss as a sanity check
+        loss = s()
+        losses[name] = float(loss.item())
+        s()
+    times: dict[str, list] = {name: [] for name in racers}
+    rounds = max(1, min(args.rounds, steps))
+    per_round = -(-steps // rounds)
+    for _ in range(rounds):
+        for name, s in racers.items():
+            times[name] += _timed(s, per_round, sync if name == "tinygpt" else torch_sync)
+    tokens = batch_size * config.block_size
+    flops = flops_per_step(config, batch_size)
+    peak = matmul_peak_gflops(device)
+    result: dict[str, Any] = {
+        "preset": preset, "device": device, "batch_size": batch_size, "block_size": config.block_size,
+        "n_params": model.num_parameters(), "steps": len(times["tinygpt"]), "rounds": rounds,
+        "threads": os.environ.get("TINYGPT_NUM_THREADS") or "auto", "matmul_peak_gflops": round(peak, 1),
+        "torch": torch_version, "first_loss": {k: round(v, 5) for k, v in losses.items()}}
+    for name, ts in times.items():
+        ms = statistics.median(ts) * 1000
+        result[name] = {"ms_per_step": round(ms, 2), "tokens_per_s": round(tokens / ms * 1000, 1),
+                        "gflops": round(flops / ms / 1e6, 1), "mfu": round(flops / ms / 1e6 / peak, 3)}
+    if "torch" in times:
+        result["speed_ratio_vs_torch"] = round(result["torch"]["ms_per_step"] / result["tinygpt"]["ms_per_step"], 3)
+    if device == "cuda":
+        pool = backend.get_device("cuda").xp.get_default_memory_pool()
+        result["tinygpt"]["peak_mem_mb"] = round(pool.total_bytes() / 2 ** 20, 1)
+        if "torch" in times:
+            from tinygpt import bench_torch
+            result["torch"]["peak_mem_mb"] = round(bench_torch.peak_memory_bytes(device) / 2 ** 20, 1)
+    elif not getattr(args, "no_memory", False):
+        for name in times:
+            rss = _child_peak_rss(name, preset, batch_size, device)
+            result[name]["peak_rss_mb"] = None if rss is None else round(rss, 1)
+    return _report(result, args.json)
+
+
+def _report(result: dict, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(result))
+        return 0
+    for key, value in result.items():
+        if isinstance(value, dict):
+            print(f"{key:>22}: " + ", ".join(f"{k} {v}" for k, v in value.items()))
+        else:
+            print(f"{key:>22}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m tinygpt.bench")
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
