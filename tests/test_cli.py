@@ -145,7 +145,7 @@ def test_bench_is_a_subcommand(capsys):
     except ModuleNotFoundError:
         one_line_error(capsys, main(["bench", "--steps", "1"]), "not available yet")
     else:
-        pytest.skip("tinygpt.bench exists; its own tests cover it")
+        one_line_error(capsys, main(["bench", "--preset", "gpt5"]), "gpt5")
 
 
 def _cli():
@@ -186,3 +186,12 @@ def test_ctrl_c_saves_then_resume_continues(corpus, tmp_path):
                        capture_output=True, text=True, env=_env(tmp_path), cwd=REPO, timeout=60)
     assert r.returncode == 0, r.stderr
     assert checkpoint.load(out / checkpoint.LAST).iter == saved + 2
+
+
+def test_bpe_tokenizer_run_samples_text(corpus, tmp_path, capsys):
+    out = tmp_path / "bpe"
+    assert main(["train", "--data", str(corpus), "--tokenizer", "bpe", "--bpe-vocab-size", "300",
+                 "--out-dir", str(out), "--max-iters", "2", *TINY]) == 0
+    assert "bpe tokenizer (vocab 2" in capsys.readouterr().out          # 256 bytes + what merges it found
+    assert main(["sample", "--out-dir", str(out), "--prompt", "to be", "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out.startswith("to be")

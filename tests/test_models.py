@@ -402,3 +402,15 @@ def test_sample_next_temperature_top_k_top_p():
     assert set(sample_next(logits, top_p=0.81, rng=rng)) == {0, 1, 2}
     cold = sample_next(logits, temperature=0.1, rng=rng)
     assert (cold == 0).mean() > 0.99                                       # (0.5/0.3)^10 ≈ 165:1
+
+
+def test_stream_decoder_never_prints_half_a_character():
+    from tinygpt.sample import StreamDecoder
+    from tinygpt.tokenizers import BPETokenizer
+    tok = BPETokenizer()                                     # no merges: one token per byte
+    text = "héllo € 🙂!"
+    dec = StreamDecoder(tok)
+    pieces = [dec.push(i) for i in tok.encode(text)] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert pieces[1] == "" and pieces[2] == "é"              # 0xC3 waits for 0xA9

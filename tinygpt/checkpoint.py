@@ -182,24 +182,30 @@ def load(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its tensors do not match the "
                               f"checksum in its header; delete it or resume from the other checkpoint")
 
+    try:
+        model_state, optim_state = _unpack(tensors, meta)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} has a malformed header "
+                              f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+    return Checkpoint(meta=meta, model_state=model_state, optim_state=optim_state, path=path)
+
+
+def _unpack(tensors: dict, meta: dict) -> tuple[dict, dict | None]:
+    """Split the flat tensor dict into model weights (re-tied) and an optimizer state dict."""
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     for alias, target in meta.get("aliases", {}).items():
         if target not in model_state:
-            raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: {alias!r} is tied to "
-                                  f"{target!r}, which it does not contain")
+            raise KeyError(f"{alias!r} is tied to {target!r}, which the file does not contain")
         model_state[alias] = model_state[target]                  # re-tie: the same array under both names
-    optim_state = None
-    if "optimizer" in meta:
-        om = meta["optimizer"]
-        state: dict[int, dict] = {}
-        for idx, scalars in om["state"].items():
-            state[int(idx)] = dict(scalars)
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                _, idx, key = k.split(".", 2)
-                state.setdefault(int(idx), {})[key] = v
-        optim_state = {"state": state, "param_groups": om["param_groups"]}
-    return Checkpoint(meta=meta, model_state=model_state, optim_state=optim_state, path=path)
+    if "optimizer" not in meta:
+        return model_state, None
+    om = meta["optimizer"]
+    state: dict[int, dict] = {int(idx): dict(scalars) for idx, scalars in om["state"].items()}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, key = k.split(".", 2)
+            state.setdefault(int(idx), {})[key] = v
+    return model_state, {"state": state, "param_groups": om["param_groups"]}
 
 
 def load_model(path_or_dir: str | Path, device: Any = None, prefer: str = "best"):

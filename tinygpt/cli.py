@@ -88,12 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1337)
     s.add_argument("--device", default=None, help="cpu or cuda (default: $TINYGPT_DEVICE or cpu)")
 
-    b = sub.add_parser("bench", help="time training steps (tokens/s)")
-    b.add_argument("--preset", default="cpu", help="cpu or video")
-    b.add_argument("--device", default=None)
-    b.add_argument("--batch-size", type=int, default=None)
-    b.add_argument("--steps", type=int, default=None)
-    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b = sub.add_parser("bench", help="time training steps (tokens/s), tinygpt against PyTorch when installed")
+    try:
+        from tinygpt.bench import add_arguments        # the bench module owns its options
+    except ImportError:
+        b.add_argument("--preset", default="cpu", help="cpu or video")
+        b.add_argument("--device", default=None)
+        b.add_argument("--batch-size", type=int, default=None)
+        b.add_argument("--steps", type=int, default=None)
+        b.add_argument("--json", action="store_true", help="print one JSON object")
+    else:
+        add_arguments(b)
     return p
 
 
@@ -120,7 +125,7 @@ def _train(args: argparse.Namespace) -> int:
     s = trainer.settings
     n = trainer.model.num_parameters()
     print(f"tinygpt: preset {s.preset}, corpus {s.data}, {trainer.tokenizer.kind} tokenizer "
-          f"(vocab {trainer.tokenizer.vocab_size}), {n / 1e6:.2f}M parameters, device {s.device}, "
+          f"(vocab {trainer.tokenizer.vocab_size}), {n:,} parameters, device {s.device}, "
           f"{'resuming at iteration ' + str(trainer.iter) if args.resume else 'out_dir ' + str(s.out_dir)}",
           flush=True)
     try:
@@ -177,21 +182,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tinygpt.models import ConfigError
 
     known = (data.DataError, tokenizers.TokenizerError, checkpoint.CheckpointError, ConfigError,
-             backend.DeviceError, nn.StateDictError, optim.OptimizerStateError, ValueError, FileNotFoundError,
-             UnicodeDecodeError, NotImplementedError, PermissionError, IsADirectoryError)
+             backend.DeviceError, nn.StateDictError, optim.OptimizerStateError, ValueError, UnicodeDecodeError,
+             NotImplementedError, OSError)    # OSError: a missing file, a read-only or full disk, ...
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:                                   # --help (0) or a usage error (2, one line)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
         return {"train": _train, "sample": _sample, "bench": _bench}[args.command](args)
+    except BrokenPipeError:                                   # e.g. `tinygpt sample | head`
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        return 0
     except known as e:
         sys.stderr.write(f"tinygpt: error: {' '.join(str(e).split()) or type(e).__name__}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("tinygpt: interrupted\n")
         return EXIT_INTERRUPTED
-    except BrokenPipeError:                                   # e.g. `tinygpt sample | head`
-        import os
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
-        return 0

@@ -19,6 +19,7 @@ import numpy as np
 
 from tinygpt import backend, nn
 from tinygpt import functional as F
+from tinygpt.sample import sample_next
 from tinygpt.tensor import Tensor, no_grad
 
 __all__ = ["ConfigError", "BigramLanguageModel", "GPTConfig", "GPT", "KVCache", "Preset", "PRESETS",
@@ -43,46 +44,6 @@ def _as_ids(idx: Any, device: backend.Device) -> Tensor:
         raise ValueError(f"idx must be a (B, T) array of integer token ids, got shape {idx.shape} "
                          f"and dtype {idx.dtype}")
     return idx.to(device)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sampling: one step of "pick the next token" from the last position's logits, on the host.
-
-def sample_next(logits: np.ndarray, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Draw one token id per row from logits (B, V) -> (B,) int64.
-
-    temperature 0 is greedy (argmax). top_k keeps the k largest logits; top_p (nucleus) keeps the smallest
-    set of tokens whose probabilities sum to at least p. The draw is the inverse-CDF method with one
-    uniform number per row from `rng` (default: tinygpt's host generator, seeded by manual_seed).
-    """
-    rng = backend.host_rng() if rng is None else rng
-    z = np.asarray(logits, dtype=np.float64)                     # (B, V), float64 for a stable softmax
-    if temperature == 0:
-        return z.argmax(axis=-1).astype(np.int64)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    z = z / temperature
-    if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {top_k}")
-        kth = np.sort(z, axis=-1)[:, -min(top_k, z.shape[-1])][:, None]   # (B, 1) k-th largest logit
-        z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)                            # softmax
-    if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        order = np.argsort(-p, axis=-1, kind="stable")            # most probable first
-        sorted_p = np.take_along_axis(p, order, axis=-1)
-        drop_sorted = np.cumsum(sorted_p, axis=-1) - sorted_p >= top_p   # mass before it already >= p
-        drop = np.zeros_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, axis=-1)
-        p = np.where(drop, 0.0, p)
-        p /= p.sum(axis=-1, keepdims=True)
-    cdf = np.cumsum(p, axis=-1)                                   # (B, V)
-    u = rng.random(z.shape[0]) * cdf[:, -1]                       # (B,) one draw per row
-    return np.minimum((cdf <= u[:, None]).sum(axis=-1), z.shape[-1] - 1).astype(np.int64)
 
 
 class _Generator:

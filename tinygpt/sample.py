@@ -11,35 +11,74 @@ from typing import Any, TextIO
 
 import numpy as np
 
-__all__ = ["sample_text", "StreamDecoder", "SEPARATOR"]
+from tinygpt import backend
+
+__all__ = ["sample_next", "sample_text", "StreamDecoder", "SEPARATOR"]
 
 SEPARATOR = "\n---------------\n"   # between samples, as nanoGPT's sample.py prints them
 
 
-class StreamDecoder:
-    """Turns a growing list of token ids into text pieces as they become printable.
+def sample_next(logits: np.ndarray, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Draw one token id per row from logits (B, V) -> (B,) int64.
 
-    It decodes the whole list each time and emits what is new, holding back a trailing U+FFFD: with byte-level
-    BPE a character's UTF-8 bytes can arrive split over two tokens, and the first half alone decodes to the
-    replacement character.
+    temperature 0 is greedy (argmax). top_k keeps the k largest logits; top_p (nucleus) keeps the smallest
+    set of tokens whose probabilities sum to at least p. The draw is the inverse-CDF method with one
+    uniform number per row from `rng` (default: tinygpt's host generator, seeded by manual_seed).
+    """
+    rng = backend.host_rng() if rng is None else rng
+    z = np.asarray(logits, dtype=np.float64)                     # (B, V), float64 for a stable softmax
+    if temperature == 0:
+        return z.argmax(axis=-1).astype(np.int64)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    z = z / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k}")
+        kth = np.sort(z, axis=-1)[:, -min(top_k, z.shape[-1])][:, None]   # (B, 1) k-th largest logit
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)                            # softmax
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        order = np.argsort(-p, axis=-1, kind="stable")            # most probable first
+        sorted_p = np.take_along_axis(p, order, axis=-1)
+        drop_sorted = np.cumsum(sorted_p, axis=-1) - sorted_p >= top_p   # mass before it already >= p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        p = np.where(drop, 0.0, p)
+        p /= p.sum(axis=-1, keepdims=True)
+    cdf = np.cumsum(p, axis=-1)                                   # (B, V)
+    u = rng.random(z.shape[0]) * cdf[:, -1]                       # (B,) one draw per row
+    return np.minimum((cdf <= u[:, None]).sum(axis=-1), z.shape[-1] - 1).astype(np.int64)
+
+
+class StreamDecoder:
+    """Turns sampled token ids into text pieces as soon as they are printable.
+
+    With byte-level BPE the UTF-8 bytes of one character can arrive split over two tokens; the first half
+    alone decodes to U+FFFD. So a token whose text ends in U+FFFD is held back (up to `max_pending` tokens)
+    until the next one completes the character.
     """
 
-    def __init__(self, tokenizer: Any, ids: list[int] | None = None):
-        self.tokenizer = tokenizer
-        self.ids = list(ids or [])
-        self.emitted = len(tokenizer.decode(self.ids)) if self.ids else 0
+    def __init__(self, tokenizer: Any, max_pending: int = 8):
+        self.tokenizer, self.max_pending = tokenizer, max_pending
+        self.pending: list[int] = []
 
     def push(self, token: int) -> str:
-        self.ids.append(int(token))
-        text = self.tokenizer.decode(self.ids)
-        end = len(text) - 1 if text.endswith("\ufffd") else len(text)
-        piece, self.emitted = text[self.emitted:end], max(self.emitted, end)
-        return piece
+        self.pending.append(int(token))
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < self.max_pending:
+            return ""
+        self.pending = []
+        return text
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text
 
 
 def sample_text(model: Any, tokenizer: Any, prompt: str = "\n", max_new_tokens: int = 500,
@@ -54,7 +93,7 @@ def sample_text(model: Any, tokenizer: Any, prompt: str = "\n", max_new_tokens: 
     if not ids:
         raise ValueError("the prompt encodes to no tokens; give at least one character (the default is a "
                          "newline)")
-    dec = StreamDecoder(tokenizer, ids)
+    dec = StreamDecoder(tokenizer)
     pieces = [prompt]
     if out is not None:
         out.write(prompt)

@@ -272,7 +272,10 @@ class Trainer:
         self.settings = s = settings
         self.log_interval = log_interval or (1 if self.device.name == "cpu" else 10)
 
-        saved_tok = tokenizers.from_dict(ckpt.meta["tokenizer"]) if ckpt is not None else None
+        try:
+            saved_tok = tokenizers.from_dict(ckpt.meta["tokenizer"]) if ckpt is not None else None
+        except (KeyError, tokenizers.TokenizerError) as e:
+            raise checkpoint.CheckpointError(f"checkpoint {str(last)!r} has no usable tokenizer ({e})") from None
         self.tokenizer, self.train_ids, self.val_ids = prepare_data(s, saved_tok)
 
         tinygpt.manual_seed(s.seed)
@@ -282,6 +285,7 @@ class Trainer:
         self.schedule = make_schedule(s)
         self.batch_rng = np.random.default_rng([s.seed, 1])       # training batches only
         self.iter, self.best_val_loss, self.last_eval_iter = 0, None, None
+        self.resumed = ckpt is not None
         if ckpt is not None:
             try:
                 self.model.load_state_dict(ckpt.model_state, strict=True)
@@ -356,7 +360,7 @@ class Trainer:
         s = self.settings
         self.out_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.out_dir / "log.jsonl"
-        _truncate_log(log_path, self.iter)
+        _truncate_log(log_path, self.iter if self.resumed else -1)    # a fresh run starts a fresh log
         start_time = time.perf_counter()
         train_time, train_tokens = 0.0, 0          # since the last evaluation
         bar_time, bar_tokens = 0.0, 0              # since the last progress-bar update
