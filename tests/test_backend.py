@@ -214,12 +214,18 @@ def _imports(path):
     return names
 
 
+# The one exception: `tinygpt bench` races PyTorch eager when torch happens to be installed, and keeps
+# that competitor in its own module, imported only by the benchmark (never by training or sampling).
+TORCH_ALLOWED = {PKG / "bench_torch.py"}
+
+
 def test_only_backend_imports_cupy_and_nothing_imports_torch():
     files = sorted(PKG.rglob("*.py"))
     assert PKG / "backend.py" in files and len(files) > 5
     for f in files:
         found = _imports(f)
-        assert "torch" not in found, f"{f.relative_to(PKG.parent)} imports torch (tests only!)"
+        if f not in TORCH_ALLOWED:
+            assert "torch" not in found, f"{f.relative_to(PKG.parent)} imports torch (tests only!)"
         if f.name != "backend.py" or f.parent != PKG:
             assert not {"cupy", "cupyx"} & found, f"{f.relative_to(PKG.parent)} imports CuPy; only backend.py may"
     assert {"cupy", "cupyx"} <= _imports(PKG / "backend.py")

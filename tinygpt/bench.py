@@ -217,9 +217,8 @@ def run(args: argparse.Namespace) -> int:
     torch_version, torch_sync = None, sync
     if not getattr(args, "no_torch", False):
         try:
-            import torch
-            torch_version = torch.__version__
             from tinygpt import bench_torch
+            torch_version = bench_torch.version()                 # ImportError without torch
             racers["torch"] = _torch_step(config, model, batch, hyper, device)
             torch_sync = lambda: bench_torch.synchronize(device)  # noqa: E731
         except ImportError:

@@ -11,6 +11,12 @@ import math
 from typing import Any
 
 
+def version() -> str:
+    """torch's version; raises ImportError when torch is not installed."""
+    import torch
+    return torch.__version__
+
+
 def build(config: Any, state_dict: dict, device: str):
     """A torch nn.Module equal to tinygpt's GPT(config) with weights `state_dict` (host NumPy arrays)."""
     import torch
