@@ -77,11 +77,12 @@ _A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 _P = 0.3275911
 
 
-def _cdf_block(x: np.ndarray, out: np.ndarray) -> None:
+def _cdf_block(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out = Φ(x) = ½ + ½ sign(x) erf(|x|/√2), erf(a) = 1 - (a1 t + ... + a5 t⁵) e^(-a²), t = 1/(1 + p a)
 
     (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7). sign(x) is x/(|x| + 1e-30): NumPy's divide is
     vectorized where its reciprocal, sign and copysign are not, and erf(0) = 0 makes x = 0 exact.
+    Returns e^(-x²/2), a by-product the GELU derivative needs.
     """
     c = x.dtype.type
     ax = np.abs(x)
@@ -95,7 +96,7 @@ def _cdf_block(x: np.ndarray, out: np.ndarray) -> None:
         poly *= t
     np.multiply(a, a, out=a)
     np.negative(a, out=a)
-    np.exp(a, out=a)                             # e^(-a²)
+    np.exp(a, out=a)                             # e^(-a²) = e^(-x²/2)
     poly *= a
     poly *= c(-0.5)
     poly += c(0.5)                               # ½ erf(a)
@@ -103,6 +104,7 @@ def _cdf_block(x: np.ndarray, out: np.ndarray) -> None:
     np.divide(x, ax, out=ax)                     # sign(x)
     np.multiply(poly, ax, out=out)
     out += c(0.5)
+    return a
 
 
 def normal_cdf(x: np.ndarray) -> np.ndarray:
@@ -115,56 +117,75 @@ def normal_cdf(x: np.ndarray) -> np.ndarray:
 
 
 def gelu_forward(x: np.ndarray) -> tuple:
-    """y = x Φ(x); also returns Φ(x), which the backward reuses."""
+    """y = x Φ(x), and its derivative y' = Φ(x) + x φ(x) for the backward, φ(x) = e^(-x²/2)/√(2π).
+
+    The derivative costs little here: e^(-x²/2) is already computed on the way to Φ, so the backward
+    becomes a single multiply instead of a second pass through exp.
+    """
     x = np.ascontiguousarray(x)
-    y, cdf = np.empty_like(x), np.empty_like(x)
-    xf, yf, cf = x.reshape(-1), y.reshape(-1), cdf.reshape(-1)
-
-    def block(lo: int, hi: int) -> None:
-        _cdf_block(xf[lo:hi], cf[lo:hi])
-        np.multiply(xf[lo:hi], cf[lo:hi], out=yf[lo:hi])
-
-    parallel_blocks(block, xf.size)
-    return y, cdf
-
-
-def gelu_backward(g: np.ndarray, x: np.ndarray, cdf: np.ndarray) -> np.ndarray:
-    """dx = g (Φ(x) + x φ(x)), φ(x) = e^(-x²/2)/√(2π)."""
-    g, x = np.ascontiguousarray(g), np.ascontiguousarray(x)
-    out = np.empty_like(x)
-    gf, xf, cf, of = g.reshape(-1), x.reshape(-1), cdf.reshape(-1), out.reshape(-1)
+    y, dydx = np.empty_like(x), np.empty_like(x)
+    xf, yf, df = x.reshape(-1), y.reshape(-1), dydx.reshape(-1)
     c = x.dtype.type
 
     def block(lo: int, hi: int) -> None:
-        xs, o = xf[lo:hi], of[lo:hi]
-        np.multiply(xs, xs, out=o)
-        o *= c(-0.5)
-        np.exp(o, out=o)
-        o *= c(1.0 / math.sqrt(2.0 * math.pi))   # φ(x)
-        o *= xs
-        o += cf[lo:hi]
-        o *= gf[lo:hi]
+        xs, d = xf[lo:hi], df[lo:hi]
+        pdf = _cdf_block(xs, yf[lo:hi])                   # y = Φ(x) for now; pdf = e^(-x²/2)
+        pdf *= c(1.0 / math.sqrt(2.0 * math.pi))          # φ(x)
+        np.multiply(xs, pdf, out=d)
+        d += yf[lo:hi]                                    # y' = Φ + xφ
+        yf[lo:hi] *= xs                                   # y = xΦ
 
     parallel_blocks(block, xf.size)
+    return y, dydx
+
+
+def multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a ⊙ b for two same-shaped arrays (the GELU backward: g ⊙ y'), blocked and threaded."""
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    out = np.empty_like(b)
+    af, bf, of = a.reshape(-1), b.reshape(-1), out.reshape(-1)
+    parallel_blocks(lambda lo, hi: np.multiply(af[lo:hi], bf[lo:hi], out=of[lo:hi]), of.size, block=4 * BLOCK)
     return out
 
 
 # --- softmax over the last axis (attention) ---------------------------------------------------------
-def softmax_lastaxis_(s: np.ndarray, scale: float = 1.0, additive_mask: np.ndarray | None = None) -> np.ndarray:
-    """In place: s = softmax(s·scale + mask) over the last axis. s: (..., Tq, Tk), mask: (Tq, Tk) of 0/-inf."""
+def softmax_lastaxis_(s: np.ndarray, scale: float = 1.0, additive_mask: np.ndarray | None = None,
+                      causal: bool = False) -> np.ndarray:
+    """In place: s = softmax(s·scale + mask) over the last axis. s: (..., Tq, Tk), mask: (Tq, Tk) of 0/-inf.
+
+    softmax is shift-invariant, softmax(z) = softmax(z - c) for any c per row; c is there so that exp
+    cannot overflow. The textbook c is the row max, but a row max over short rows is slow in NumPy.
+    With a causal mask every query sees its own key, z_ii, so c = z_ii (one gather) serves, unless some
+    z_ij - z_ii > 88 would overflow float32: then the row sum is inf, and that block falls back to the
+    row max. Row sums are one GEMV with a ones vector.
+    """
     Tq, Tk = s.shape[-2], s.shape[-1]
     rows = s.reshape(-1, Tk)
     c = s.dtype.type
+    ones = np.ones(Tk, s.dtype)
+    qi = np.arange(Tq)
+    ki = qi + (Tk - Tq)                                           # query i's own key position
 
     def block(lo: int, hi: int) -> None:
-        r = rows[lo:hi]                                             # whole (Tq, Tk) matrices
+        r = rows[lo:hi]                                           # whole (Tq, Tk) matrices
+        r3 = r.reshape(-1, Tq, Tk)
         if scale != 1.0:
             r *= c(scale)
         if additive_mask is not None:
-            r.reshape(-1, Tq, Tk)[...] += additive_mask
-        r -= r.max(axis=1, keepdims=True)
-        np.exp(r, out=r)
-        r /= r.sum(axis=1, keepdims=True)
+            r3 += additive_mask
+        saved = r.copy() if causal else None
+        shift = r3[:, qi, ki][..., None] if causal else r.max(axis=1, keepdims=True).reshape(-1, Tq, 1)
+        r3 -= shift
+        with np.errstate(over="ignore"):                          # an overflow is caught just below
+            np.exp(r, out=r)
+        sums = r @ ones
+        if causal and not np.isfinite(sums).all():                # overflow: redo with the row max
+            r[...] = saved
+            r -= r.max(axis=1, keepdims=True)
+            np.exp(r, out=r)
+            sums = r @ ones
+        np.divide(c(1), sums, out=sums)
+        r *= sums[:, None]
 
     parallel_blocks(block, rows.shape[0], block=max(Tq, BLOCK // Tk), align=Tq, item_size=Tk)
     return s
@@ -296,7 +317,7 @@ def embedding_backward(ids: np.ndarray, g: np.ndarray, num_embeddings: int) -> n
     np.add.at, which updates one row at a time.
     """
     ids = ids.reshape(-1)
-    g = g.reshape(ids.size, -1)
+    g = g.reshape(ids.size, g.shape[-1])
     out = np.zeros((num_embeddings, g.shape[1]), g.dtype)
     if ids.size == 0:
         return out
