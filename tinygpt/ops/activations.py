@@ -48,8 +48,10 @@ class GELU(Function):
             ctx.save_for_backward(x, None)
             inner = _c(x, _SQRT_2_OVER_PI) * (x + _c(x, 0.044715) * x * x * x)
             return _c(x, 0.5) * x * (1 + xp.tanh(inner))
-        if _fast_cpu(ctx, x):
-            y, cdf = cpu_kernels.gelu_forward(x)          # the same math, cache-blocked and threaded
+        if _fast_cpu(ctx, x):                             # the same math, cache-blocked and threaded;
+            y, dydx = cpu_kernels.gelu_forward(x)         # it hands back y' = Φ + xφ for the backward
+            ctx.save_for_backward(None, dydx)
+            return y
         else:
             cdf = backend.normal_cdf(x)                   # Φ(x)
             y = x * cdf
@@ -60,6 +62,8 @@ class GELU(Function):
     def backward(ctx, g):
         x, cdf = ctx.saved_tensors
         xp = ctx.xp
+        if x is None:                                     # the CPU kernel saved y' itself
+            return cpu_kernels.multiply(g, cdf), None
         if ctx.approximate == "tanh":
             # y = ½x(1+t), t = tanh(u), u = k(x + 0.044715x³):  y' = ½(1+t) + ½x(1-t²)k(1 + 3·0.044715x²)
             k = _c(x, _SQRT_2_OVER_PI)
@@ -67,8 +71,6 @@ class GELU(Function):
             dy = _c(x, 0.5) * (1 + t) + _c(x, 0.5) * x * (1 - t * t) * k * (1 + _c(x, 3 * 0.044715) * x * x)
             return g * dy, None
         # y = xΦ(x): y' = Φ(x) + x φ(x), φ(x) = e^(-x²/2)/√(2π)
-        if _fast_cpu(ctx, x):
-            return cpu_kernels.gelu_backward(g, x, cdf), None
         pdf = _c(x, _INV_SQRT_2PI) * xp.exp(_c(x, -0.5) * x * x)
         return g * (cdf + x * pdf), None
 

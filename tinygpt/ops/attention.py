@@ -48,7 +48,7 @@ class ScaledDotProductAttention(Function):
         s = q @ k.swapaxes(-1, -2)                                # (B, H, Tq, Tk)
         if ctx.device.name == "cpu":                              # blocked, threaded, in place
             mask = _additive_causal_mask(Tq, Tk, s.dtype) if causal else None
-            p = cpu_kernels.softmax_lastaxis_(s, scale, mask)
+            p = cpu_kernels.softmax_lastaxis_(s, scale, mask, causal=causal)
         else:
             s *= scale
             if causal:
