@@ -56,7 +56,8 @@ class Linear(Function):
     @staticmethod
     def forward(ctx, x, w, b=None):
         ctx.save_for_backward(x, w)
-        y = x @ w.T                                     # (..., out)
+        # one GEMM over all rows: NumPy's matmul of a 3-D x would loop over the batch axis instead
+        y = (_flat2d(x) @ w.T).reshape(x.shape[:-1] + (w.shape[0],))   # (..., out)
         if b is not None:
             y += b
         return y
@@ -66,7 +67,7 @@ class Linear(Function):
         x, w = ctx.saved_tensors
         nx, nw, *nb = ctx.needs_input_grad
         g2 = _flat2d(g)                                 # (N, out)
-        gx = (g @ w) if nx else None                    # (..., in)
+        gx = (g2 @ w).reshape(x.shape) if nx else None  # (..., in)
         gw = (g2.T @ _flat2d(x)) if nw else None        # (out, in)
         gb = None
         if nb and nb[0]:
