@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from tinygpt import backend, cpu_kernels
+from tinygpt import backend, cpu_kernels, cuda_kernels
 from tinygpt.function import Function
 from tinygpt.tensor import Tensor
 
@@ -49,6 +49,8 @@ class ScaledDotProductAttention(Function):
         if ctx.device.name == "cpu":                              # blocked, threaded, in place
             mask = _additive_causal_mask(Tq, Tk, s.dtype) if causal else None
             p = cpu_kernels.softmax_lastaxis_(s, scale, mask, causal=causal)
+        elif cuda_kernels.fusable(ctx.device, s):                # scale, mask and softmax in one kernel
+            p = cuda_kernels.softmax_forward(s, scale, causal=causal, inplace=True)
         else:
             s *= scale
             if causal:
@@ -78,6 +80,8 @@ class ScaledDotProductAttention(Function):
         # softmax backward, in place: dS = P ⊙ (dP - Σ dP ⊙ P) · scale
         if ctx.device.name == "cpu":
             cpu_kernels.softmax_backward_(dp, p, scale)
+        elif cuda_kernels.fusable(ctx.device, dp, p):
+            dp = cuda_kernels.softmax_backward(dp, p, scale, inplace=True)
         else:
             dp -= (dp * p).sum(axis=-1, keepdims=True)
             dp *= p

@@ -3,11 +3,14 @@
 Shapes follow NumPy's matmul: 1-D operands get a temporary axis, and batch axes broadcast, e.g.
 (B, T, C) @ (C, D) -> (B, T, D) and (B, H, T, hs) @ (B, H, hs, T) -> (B, H, T, T).
 Gradients: for Y = A @ B, dA = dY @ Bᵀ and dB = Aᵀ @ dY, summed over broadcast batch axes.
+Every GEMM is `_mm(a, b)`: a @ b, or on CUDA a float16/bfloat16 GEMM when chosen with
+tinygpt.cuda_kernels.set_matmul_precision (docs/GPU.md).
 """
 from __future__ import annotations
 
 from typing import Any
 
+from tinygpt.cuda.amp import matmul as _mm
 from tinygpt.function import Function, unbroadcast
 from tinygpt.ops.elementwise import as_operand
 from tinygpt.tensor import Tensor
@@ -26,7 +29,7 @@ class MatMul(Function):
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
-        return a @ b
+        return _mm(a, b)
 
     @staticmethod
     def backward(ctx, g):  # dA = dY @ Bᵀ, dB = Aᵀ @ dY (with 1-D operands lifted to 2-D)
@@ -41,12 +44,12 @@ class MatMul(Function):
             g2 = g2[..., None, :]
         ga = gb = None
         if na:
-            ga = unbroadcast(g2 @ _mT(b2), a2.shape).reshape(a.shape)
+            ga = unbroadcast(_mm(g2, _mT(b2)), a2.shape).reshape(a.shape)
         if nb:
             if b2.ndim == 2 and a2.ndim > 2:            # (B,T,C)@(C,D): dB = Σ_bt a_btᵀ g_bt, one GEMM
-                gb = (_flat2d(a2).T @ _flat2d(g2)).reshape(b.shape)
+                gb = _mm(_flat2d(a2).T, _flat2d(g2)).reshape(b.shape)
             else:
-                gb = unbroadcast(_mT(a2) @ g2, b2.shape).reshape(b.shape)
+                gb = unbroadcast(_mm(_mT(a2), g2), b2.shape).reshape(b.shape)
         return ga, gb
 
 
@@ -57,7 +60,7 @@ class Linear(Function):
     def forward(ctx, x, w, b=None):
         ctx.save_for_backward(x, w)
         # one GEMM over all rows: NumPy's matmul of a 3-D x would loop over the batch axis instead
-        y = (_flat2d(x) @ w.T).reshape(x.shape[:-1] + (w.shape[0],))   # (..., out)
+        y = _mm(_flat2d(x), w.T).reshape(x.shape[:-1] + (w.shape[0],))   # (..., out)
         if b is not None:
             y += b
         return y
@@ -67,8 +70,8 @@ class Linear(Function):
         x, w = ctx.saved_tensors
         nx, nw, *nb = ctx.needs_input_grad
         g2 = _flat2d(g)                                 # (N, out)
-        gx = (g2 @ w).reshape(x.shape) if nx else None  # (..., in)
-        gw = (g2.T @ _flat2d(x)) if nw else None        # (out, in)
+        gx = _mm(g2, w).reshape(x.shape) if nx else None   # (..., in)
+        gw = _mm(g2.T, _flat2d(x)) if nw else None     # (out, in)
         gb = None
         if nb and nb[0]:
             gb = unbroadcast(g2, (g2.shape[1],))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tinygpt import backend, cpu_kernels
+from tinygpt import backend, cpu_kernels, cuda_kernels
 from tinygpt.function import Function, unbroadcast
 from tinygpt.ops.elementwise import as_operand
 from tinygpt.tensor import Tensor
@@ -18,6 +18,11 @@ class CrossEntropy(Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index=-1):
         xp = ctx.xp
+        ctx.fused = cuda_kernels.fusable(ctx.device, logits)
+        if ctx.fused:  # CUDA: the same math, one block per row; backward recomputes softmax from lse
+            loss, lse, n_valid = cuda_kernels.cross_entropy_forward(logits, targets, ignore_index)
+            ctx.save_for_backward(logits, targets, lse, n_valid, ignore_index)
+            return loss
         V = logits.shape[-1]
         z = logits.reshape(-1, V)                                # (N, V)
         t = targets.reshape(-1)                                  # (N,)
@@ -35,6 +40,8 @@ class CrossEntropy(Function):
 
     @staticmethod
     def backward(ctx, g):  # dz = (softmax(z) - onehot(t)) / N_valid, zero on ignored rows
+        if ctx.fused:
+            return cuda_kernels.cross_entropy_backward(g, *ctx.saved_tensors), None
         p, t, valid, n_valid, shape = ctx.saved_tensors
         xp = ctx.xp
         rows = xp.arange(p.shape[0])
@@ -50,6 +57,10 @@ class LayerNorm(Function):
         xp = ctx.xp
         if ctx.device.name == "cpu":                             # the same math, blocked and threaded
             y, xhat, rstd = cpu_kernels.layer_norm_forward(x, weight, bias, eps)
+            ctx.save_for_backward(xhat, rstd, weight)
+            return y
+        if cuda_kernels.fusable(ctx.device, x, weight):        # the same math, one CUDA block per row
+            y, xhat, rstd = cuda_kernels.layer_norm_forward(x, weight, bias, eps)
             ctx.save_for_backward(xhat, rstd, weight)
             return y
         mu = x.mean(axis=-1, keepdims=True)
@@ -73,6 +84,8 @@ class LayerNorm(Function):
         gx = gw = gb = None
         if nx and ctx.device.name == "cpu":
             gx = cpu_kernels.layer_norm_backward(g, xhat, rstd, w)
+        elif nx and cuda_kernels.fusable(ctx.device, g, xhat, w):
+            gx = cuda_kernels.layer_norm_backward_dx(g, xhat, rstd, w)
         elif nx:
             dxhat = g * w
             gx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)

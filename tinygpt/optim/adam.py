@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tinygpt import cpu_kernels
+from tinygpt import cpu_kernels, cuda_kernels
 from tinygpt.optim.optimizer import Optimizer
 from tinygpt.tensor import Tensor
 
@@ -52,8 +52,9 @@ class Adam(Optimizer):
             raise ValueError(f"{name}: weight_decay must be >= 0, got {group['weight_decay']}")
 
     def _update_group(self, items: list, group: dict) -> None:
-        """CPU float32 parameters go through one blocked, threaded kernel (cpu_kernels.adam_step) with the
-        same equations as `_update_param`; anything else is updated one parameter at a time."""
+        """CPU float32 parameters go through one blocked, threaded kernel (cpu_kernels.adam_step) and CUDA
+        ones through one fused kernel each (cuda_kernels.adam_step), with the same equations as
+        `_update_param`; anything else is updated one parameter at a time."""
         fused = [(p, s) for p, s in items if cpu_kernels.adam_fusable(p.data, p.grad)]
         if fused:
             cpu_kernels.adam_step(
@@ -61,6 +62,15 @@ class Adam(Optimizer):
                 lr=float(group["lr"]), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
                 eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                 decoupled=self.decoupled_weight_decay)
+        gpu = [(p, s) for p, s in items if p.device.name == "cuda"
+               and cuda_kernels.adam_fusable(p.data, p.grad, s["exp_avg"], s["exp_avg_sq"])]
+        if gpu:                                        # CUDA: the same equations, one fused kernel per param
+            cuda_kernels.adam_step(
+                [(p.data, p.grad, s["exp_avg"], s["exp_avg_sq"], s["step"]) for p, s in gpu],
+                lr=float(group["lr"]), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
+                eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                decoupled=self.decoupled_weight_decay)
+            fused = fused + gpu
         if len(fused) < len(items):
             done = {id(p) for p, _ in fused}
             super()._update_group([(p, s) for p, s in items if id(p) not in done], group)
