@@ -3,8 +3,10 @@
 Two tricks make plain NumPy fast here:
   1. Cache blocking. A chain of ufuncs over a 12 MB activation streams it through memory once per op;
      the same chain over 16K-element blocks keeps each block (and its temporaries) in L2 cache.
-  2. Threads. NumPy releases the GIL inside ufunc loops, so the blocks can be shared out to a small
-     thread pool, one worker per core, and the second core joins in (BLAS already uses it for matmuls).
+  2. Threads. NumPy releases the GIL inside ufunc loops, so large arrays (≥ 1M elements) are shared
+     out to a small thread pool, one worker per core. Measured on a 2-core box (BENCHMARKS.md) this
+     gains little: each ufunc call takes the GIL back, and OpenBLAS's idle threads spin on the second
+     core between matmuls. Small arrays therefore stay on the calling thread.
 
 Every kernel here takes and returns NumPy arrays only; the ops call them when `ctx.xp is numpy` and use
 their plain xp versions otherwise (CuPy has its own fused kernels in cuda_kernels.py).
@@ -19,8 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-BLOCK = 16384          # elements per cache block (64 KiB of float32)
-MIN_PARALLEL = 65536   # below this many elements, run inline: a thread hop costs more than it saves
+BLOCK = 16384            # elements per cache block (64 KiB of float32)
+MIN_PARALLEL = 1 << 20   # below this many elements, run inline: a thread hop costs more than it saves
 
 
 def num_threads() -> int:
@@ -65,6 +67,9 @@ def parallel_blocks(fn: Callable[[int, int], None], n: int, block: int = BLOCK, 
         run(0, n)
         return
     parts = num_threads()
+    # every ufunc call hands the GIL back and forth between the threads, so shared-out work comes in
+    # fewer, larger pieces (about 8 per thread) than the inline loop's cache blocks
+    block = max(block, (n // parts // 8) // align * align)
     edges = [(n * i // parts) // align * align for i in range(parts)] + [n]
     futures = [pool.submit(run, edges[i], edges[i + 1]) for i in range(1, parts)]
     run(edges[0], edges[1])
