@@ -299,3 +299,16 @@ def test_mixing_devices_raises_naming_both():
         a + b
     with pytest.raises(tinygpt.DeviceError, match="different devices, 'cpu' and 'strict'"):
         b @ a
+
+
+def test_tensor_owns_its_data_like_torch_tensor():
+    """tinygpt.tensor copies an array it would otherwise share, so in-place updates never reach the caller."""
+    for a in (np.ones(3, np.float32), np.arange(6, dtype=np.int64).reshape(2, 3)[:, 1]):
+        before = a.copy()
+        t = tinygpt.tensor(a)
+        t.data[...] = 7
+        np.testing.assert_array_equal(a, before)
+    src = tinygpt.tensor([1.0, 2.0])
+    copy = tinygpt.tensor(src)
+    copy.data[0] = 9
+    assert src.numpy()[0] == 1.0

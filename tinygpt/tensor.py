@@ -65,12 +65,17 @@ def tensor(data: Any, requires_grad: bool = False, device: Any = None, dtype: An
 
     Floats default to float32 (also float64 NumPy input); ints and bools keep their dtype.
     `device` defaults to the array's own device for device arrays, else to backend.default_device().
+    Like torch.tensor, the result owns its data: an array that would otherwise be shared is copied.
     """
-    if device is None and backend.device_of(getattr(data, "data", data)).name != "cpu":
-        dev = backend.device_of(getattr(data, "data", data))
+    raw = data.data if isinstance(data, Tensor) else data
+    if device is None and backend.device_of(raw).name != "cpu":
+        dev = backend.device_of(raw)
     else:
         dev = backend.get_device(device)
-    return Tensor(_to_array(data, dev, dtype), requires_grad=requires_grad)
+    arr = _to_array(data, dev, dtype)
+    if arr is raw:
+        arr = arr.copy()
+    return Tensor(arr, requires_grad=requires_grad)
 
 
 class Tensor:
