@@ -38,6 +38,14 @@ def test_normal_cdf_and_gelu(shape, threads, rng):
     np.testing.assert_array_equal(K.multiply(g, dydx), g * dydx)
 
 
+def test_gelu_float16_is_finite_at_zero():
+    x = np.array([0.0, -0.0, 1.0, -1.0, 3.0], np.float16)
+    y, dydx = K.gelu_forward(x)
+    assert np.isfinite(y).all() and np.isfinite(dydx).all()
+    np.testing.assert_allclose(y.astype(np.float64), x * exact_cdf(x), atol=2e-3)
+    np.testing.assert_allclose(dydx[:2].astype(np.float64), 0.5, atol=1e-3)
+
+
 def _softmax_ref(s, scale, mask):
     z = s.astype(np.float64) * scale + (0 if mask is None else mask)
     e = np.exp(z - z.max(-1, keepdims=True))

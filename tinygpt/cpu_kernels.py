@@ -85,7 +85,7 @@ _P = 0.3275911
 def _cdf_block(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out = Φ(x) = ½ + ½ sign(x) erf(|x|/√2), erf(a) = 1 - (a1 t + ... + a5 t⁵) e^(-a²), t = 1/(1 + p a)
 
-    (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7). sign(x) is x/(|x| + 1e-30): NumPy's divide is
+    (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7). sign(x) is x/(|x| + tiny): NumPy's divide is
     vectorized where its reciprocal, sign and copysign are not, and erf(0) = 0 makes x = 0 exact.
     Returns e^(-x²/2), a by-product the GELU derivative needs.
     """
@@ -105,7 +105,7 @@ def _cdf_block(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     poly *= a
     poly *= c(-0.5)
     poly += c(0.5)                               # ½ erf(a)
-    ax += c(1e-30)
+    ax += np.finfo(x.dtype).tiny                 # smallest normal number of this dtype (1e-30 is 0 in float16)
     np.divide(x, ax, out=ax)                     # sign(x)
     np.multiply(poly, ax, out=out)
     out += c(0.5)
