@@ -212,10 +212,11 @@ def softmax_backward_(dp: np.ndarray, p: np.ndarray, scale: float = 1.0) -> np.n
 
 
 # --- Adam / AdamW over all parameters at once -------------------------------------------------------
-def adam_fusable(theta, grad) -> bool:
-    """Can `adam_step` update this parameter? (NumPy, float32, contiguous, grad of the same shape)."""
-    return (isinstance(theta, np.ndarray) and isinstance(grad, np.ndarray) and theta.dtype == np.float32
-            and grad.dtype == np.float32 and theta.shape == grad.shape and theta.flags.c_contiguous)
+def adam_fusable(theta, grad, *state) -> bool:
+    """Can `adam_step` update this parameter? (NumPy, float32, contiguous; grad and state of its shape)."""
+    arrays = (theta, grad, *state)
+    return (all(isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == theta.shape for a in arrays)
+            and all(a.flags.c_contiguous for a in (theta, *state)))
 
 
 def adam_step(params: list, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,

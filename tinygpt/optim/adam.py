@@ -55,24 +55,18 @@ class Adam(Optimizer):
         """CPU float32 parameters go through one blocked, threaded kernel (cpu_kernels.adam_step) and CUDA
         ones through one fused kernel each (cuda_kernels.adam_step), with the same equations as
         `_update_param`; anything else is updated one parameter at a time."""
-        fused = [(p, s) for p, s in items if cpu_kernels.adam_fusable(p.data, p.grad)]
-        if fused:
-            cpu_kernels.adam_step(
-                [(p.data, p.grad, s["exp_avg"], s["exp_avg_sq"], s["step"]) for p, s in fused],
-                lr=float(group["lr"]), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
-                eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-                decoupled=self.decoupled_weight_decay)
-        gpu = [(p, s) for p, s in items if p.device.name == "cuda"
-               and cuda_kernels.adam_fusable(p.data, p.grad, s["exp_avg"], s["exp_avg_sq"])]
-        if gpu:                                        # CUDA: the same equations, one fused kernel per param
-            cuda_kernels.adam_step(
-                [(p.data, p.grad, s["exp_avg"], s["exp_avg_sq"], s["step"]) for p, s in gpu],
-                lr=float(group["lr"]), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
-                eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-                decoupled=self.decoupled_weight_decay)
-            fused = fused + gpu
-        if len(fused) < len(items):
-            done = {id(p) for p, _ in fused}
+        hyper = dict(lr=float(group["lr"]), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
+                     eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                     decoupled=self.decoupled_weight_decay)
+        done: set[int] = set()
+        for device, kernels in (("cpu", cpu_kernels), ("cuda", cuda_kernels)):
+            batch = [(p, s) for p, s in items if p.device.name == device
+                     and kernels.adam_fusable(p.data, p.grad, s["exp_avg"], s["exp_avg_sq"])]
+            if batch:
+                kernels.adam_step([(p.data, p.grad, s["exp_avg"], s["exp_avg_sq"], s["step"])
+                                   for p, s in batch], **hyper)
+                done.update(id(p) for p, _ in batch)
+        if len(done) < len(items):
             super()._update_group([(p, s) for p, s in items if id(p) not in done], group)
 
     def _init_state(self, p: Tensor) -> dict:
