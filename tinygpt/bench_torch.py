@@ -7,7 +7,6 @@ two start from identical weights and their first losses can be compared as a san
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 
@@ -119,18 +118,3 @@ def peak_memory_bytes(device: str) -> int | None:
     """The CUDA caching allocator's peak (None on the CPU, where the benchmark reads the process RSS)."""
     import torch
     return int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
-
-
-def matmul_peak_gflops(device: str, n: int) -> float:
-    """PyTorch's float32 n×n matmul rate (for reference next to NumPy's/CuPy's)."""
-    import time
-    import torch
-    a = torch.randn(n, n, device=device)
-    best = math.inf
-    for _ in range(4):
-        synchronize(device)
-        t0 = time.perf_counter()
-        a @ a
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
