@@ -38,7 +38,6 @@ def no_grad() -> Iterator[None]:
 
 def _to_array(data: Any, device: backend.Device, dtype: Any) -> Any:
     """Make a backend array on `device`. Floats become float32 unless `dtype` says otherwise."""
-    xp = device.xp
     if isinstance(data, Tensor):
         data = data.data
     src = backend.device_of(data)
@@ -238,10 +237,10 @@ class Tensor:
     def __getitem__(self, index): return ops.getitem(self, index)
 
     # comparisons give bool tensors with no graph (masks)
-    def __lt__(self, other): return Tensor._make(self.data < _raw(other, self), self.device, None)
-    def __le__(self, other): return Tensor._make(self.data <= _raw(other, self), self.device, None)
-    def __gt__(self, other): return Tensor._make(self.data > _raw(other, self), self.device, None)
-    def __ge__(self, other): return Tensor._make(self.data >= _raw(other, self), self.device, None)
+    def __lt__(self, other): return Tensor._make(self.data < _raw(other), self.device, None)
+    def __le__(self, other): return Tensor._make(self.data <= _raw(other), self.device, None)
+    def __gt__(self, other): return Tensor._make(self.data > _raw(other), self.device, None)
+    def __ge__(self, other): return Tensor._make(self.data >= _raw(other), self.device, None)
 
     def neg(self): return ops.neg(self)
     def exp(self): return ops.exp(self)
@@ -262,7 +261,7 @@ class Tensor:
         return ops.permute(self, *reversed(range(self.ndim)))
 
 
-def _raw(x: Any, like: Tensor) -> Any:
+def _raw(x: Any) -> Any:
     return x.data if isinstance(x, Tensor) else x
 
 
