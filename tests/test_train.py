@@ -2,6 +2,7 @@
 import io
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -41,8 +42,11 @@ def log_lines(out_dir):
     return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(corpus, tmp_path):
-    common = dict(dropout=0.1, grad_accum=2, eval_interval=4, warmup_iters=3, lr_decay_iters=12)
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="data parallelism forks: Linux only"))])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(corpus, tmp_path, workers):
+    common = dict(dropout=0.1, grad_accum=2, eval_interval=4, warmup_iters=3, lr_decay_iters=12,
+                  workers=workers)
     full = run(corpus, tmp_path / "full", max_iters=12, **common)
     part = run(corpus, tmp_path / "part", max_iters=6, **common)          # stops at 6 (not an eval step)
     assert part.iter == 6

@@ -29,6 +29,7 @@ import numpy as np
 import tinygpt
 from tinygpt import backend, optim
 from tinygpt.models import GPT, GPTConfig, get_preset
+from tinygpt.parallel import DataParallel
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 for cpu, 8 for video")
     p.add_argument("--steps", type=int, default=None, help="timed steps per framework (default 30 / 10)")
     p.add_argument("--rounds", type=int, default=5, help="alternations of tinygpt and torch")
+    p.add_argument("--workers", type=int, default=None,
+                   help="CPU processes that share each batch (default: one per core; see tinygpt.parallel)")
     p.add_argument("--no-torch", action="store_true", help="time tinygpt alone")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     p.add_argument("--memory-trace", type=int, default=0, metavar="N",
@@ -81,7 +84,7 @@ def matmul_peak_gflops(device: str) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def _setup(preset: str, batch_size: int, device: str) -> tuple:
+def _setup(preset: str, batch_size: int, device: str, workers: int | None = None) -> tuple:
     """Our model, optimizer and batch, plus everything torch needs to mirror them."""
     config = model_config(preset)
     p = get_preset(preset)
@@ -95,11 +98,15 @@ def _setup(preset: str, batch_size: int, device: str) -> tuple:
     opt = optim.AdamW(optim.weight_decay_groups(model, p.weight_decay), lr=p.lr, betas=hyper["betas"])
     x = tinygpt.tensor(idx, device=device)
     y = tinygpt.tensor(tgt, device=device)
+    dp = DataParallel(model, workers) if device == "cpu" else None
 
     def step():
-        _, loss = model(x, y)
         opt.zero_grad()
-        loss.backward()
+        if dp is not None:
+            loss = dp.forward_backward(x, y)
+        else:
+            _, loss = model(x, y)
+            loss.backward()
         optim.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         return loss
@@ -158,7 +165,7 @@ def _child_peak_rss(framework: str, preset: str, batch_size: int, device: str) -
 
 
 def _child(args: argparse.Namespace) -> int:
-    config, model, step, batch, hyper = _setup(args.preset, args.batch_size, args.device)
+    config, model, step, batch, hyper = _setup(args.preset, args.batch_size, args.device, args.workers)
     if args._child == "torch":
         step = _torch_step(config, model, batch, hyper, args.device)
         del model
@@ -170,7 +177,7 @@ def _child(args: argparse.Namespace) -> int:
 
 def _memory_trace(args, batch_size: int, device: str) -> dict:
     """Train N steps; RSS after a 10% warm-up and at the end: the graph must not leak."""
-    _, _, step, _, _ = _setup(args.preset, batch_size, device)
+    _, _, step, _, _ = _setup(args.preset, batch_size, device, args.workers)
     n = args.memory_trace
     samples = []
     for i in range(1, n + 1):
@@ -220,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "generate", False):
         return _report(_generate(args, device), args.json)
 
-    config, model, step, batch, hyper = _setup(preset, batch_size, device)
+    config, model, step, batch, hyper = _setup(preset, batch_size, device, getattr(args, "workers", None))
     sync = lambda: backend.synchronize(device)                    # noqa: E731
     racers: dict[str, Callable] = {"tinygpt": step}
     torch_version, torch_sync = None, sync

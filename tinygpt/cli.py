@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dropout", type=float, help="dropout probability")
     t.add_argument("--bias", type=_bool, help="biases in Linear and LayerNorm layers (true/false)")
     t.add_argument("--seed", type=int, help="random seed (default 1337)")
+    t.add_argument("--workers", type=int, help="CPU processes that share each batch (default 0: one per "
+                                              "core when the model is big enough; 1: off)")
     t.add_argument("--out-dir", help="where checkpoints, log.jsonl and loss.png go (default: out)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = ("preset", "data", "tokenizer", "bpe_vocab_size", "device", "max_iters", "warmup_iters",
                "lr_decay_iters", "lr", "min_lr", "weight_decay", "grad_clip", "batch_size", "block_size",
                "grad_accum", "eval_interval", "eval_iters", "n_layer", "n_head", "n_embd", "dropout", "bias",
-               "seed")
+               "seed", "workers")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -25,8 +25,8 @@ BLOCK = 16384            # elements per cache block (64 KiB of float32)
 MIN_PARALLEL = 1 << 20   # below this many elements, run inline: a thread hop costs more than it saves
 
 
-def num_threads() -> int:
-    """Worker count: $TINYGPT_NUM_THREADS, else the cores this process may run on."""
+def num_cores() -> int:
+    """Cores to use: $TINYGPT_NUM_THREADS, else the cores this process may run on."""
     env = os.environ.get("TINYGPT_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
@@ -36,7 +36,33 @@ def num_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_limit: int | None = None                 # set_num_threads' cap (data-parallel processes use 1)
+
+
+def num_threads() -> int:
+    """Threads the kernels below share their work among: num_cores(), capped by set_num_threads()."""
+    n = num_cores()
+    return n if _limit is None else max(1, min(n, _limit))
+
+
+def set_num_threads(n: int | None) -> int | None:
+    """Cap the kernels' threads at n (None: no cap); returns the previous cap."""
+    global _limit
+    old, _limit = _limit, n
+    return old
+
+
 _pool: ThreadPoolExecutor | None = None
+
+
+def _forget_pool_after_fork() -> None:
+    """A forked child has none of its parent's threads: the pool must be made anew there."""
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _get_pool() -> ThreadPoolExecutor | None:

@@ -17,7 +17,7 @@ from tinygpt.models import ConfigError
 __all__ = ["RunSettings", "make_schedule", "resumed_settings", "RESUMABLE"]
 
 # settings a resumed run may change; any other one must stay what the checkpoint says
-RESUMABLE = ("max_iters", "eval_interval", "eval_iters", "device", "out_dir")
+RESUMABLE = ("max_iters", "eval_interval", "eval_iters", "device", "out_dir", "workers")
 _GPT_ONLY = ("n_layer", "n_head", "n_embd", "dropout", "bias", "qkv_bias", "activation", "tie_weights")
 
 
@@ -30,6 +30,7 @@ class RunSettings:
     tokenizer: str = "char"             # "char" or "bpe"
     bpe_vocab_size: int = 512
     device: str = "cpu"
+    workers: int = 0                    # CPU processes sharing each batch (tinygpt.parallel); 0: automatic
     block_size: int = 64
     n_layer: int = 4
     n_head: int = 4
@@ -89,7 +90,7 @@ class RunSettings:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         for name in ("block_size", "batch_size", "grad_accum", "eval_interval", "eval_iters"):
             positive(name)
-        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed"):
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed", "workers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {v!r}")

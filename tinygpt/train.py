@@ -34,6 +34,7 @@ import numpy as np
 
 import tinygpt
 from tinygpt import backend, checkpoint, data, models, optim, tokenizers
+from tinygpt.parallel import DataParallel, choose_workers
 from tinygpt.settings import RESUMABLE, RunSettings, make_schedule, resumed_settings
 
 __all__ = ["RunSettings", "Trainer", "TrainResult", "TrainingInterrupted", "estimate_loss", "make_schedule",
@@ -188,6 +189,7 @@ class Trainer:
                 raise checkpoint.CheckpointError(f"checkpoint {str(last)!r} does not fit this run "
                                                  f"({' '.join(str(e).split())})") from None
         self.history: list[dict] = []
+        self._parallel: DataParallel | None = None      # made by run() on the CPU
 
     @classmethod
     def resume(cls, out_dir: str | Path, overrides: dict | None = None, **kwargs: Any) -> "Trainer":
@@ -220,9 +222,13 @@ class Trainer:
         total = None
         for _ in range(s.grad_accum):
             x, y = data.get_batch(self.train_ids, s.batch_size, s.block_size, self.batch_rng, self.device)
-            _, loss = self.model(x, y)
-            (loss if s.grad_accum == 1 else loss / s.grad_accum).backward()
-            total = loss.data if total is None else total + loss.data
+            if self._parallel is not None:                    # the batch's rows shared among processes
+                loss_data = self._parallel.forward_backward(x, y, 1.0 / s.grad_accum)
+            else:
+                _, loss = self.model(x, y)
+                (loss if s.grad_accum == 1 else loss / s.grad_accum).backward()
+                loss_data = loss.data
+            total = loss_data if total is None else total + loss_data
         if s.grad_clip > 0:
             optim.clip_grad_norm_(self.model.parameters(), s.grad_clip)
         self.optimizer.step()
@@ -250,12 +256,23 @@ class Trainer:
         log_path = self.out_dir / "log.jsonl"
         _truncate_log(log_path, self.iter if self.resumed else -1)    # a fresh run starts a fresh log
         start_time = time.perf_counter()
+        disable = (not sys.stderr.isatty()) if self.progress is None else (not self.progress)
+        if self.device.name == "cpu":
+            workers = choose_workers(s.workers, self.model, s.batch_size * s.block_size)
+            self._parallel = DataParallel(self.model, workers) if workers > 1 else None
+        bar = tqdm(total=s.max_iters, initial=self.iter, desc="train", unit="it", file=sys.stderr,
+                   disable=disable, dynamic_ncols=True)
+        try:
+            return self._loop(s, log_path, start_time, bar)
+        finally:
+            if self._parallel is not None:
+                self._parallel.close()
+                self._parallel = None
+
+    def _loop(self, s: RunSettings, log_path: Path, start_time: float, bar) -> TrainResult:
         train_time, train_tokens = 0.0, 0          # since the last evaluation
         bar_time, bar_tokens = 0.0, 0              # since the last progress-bar update
         losses: dict[str, float] = {}
-        disable = (not sys.stderr.isatty()) if self.progress is None else (not self.progress)
-        bar = tqdm(total=s.max_iters, initial=self.iter, desc="train", unit="it", file=sys.stderr,
-                   disable=disable, dynamic_ncols=True)
         with _SigintFlag() as sigint:
             try:
                 while True:

@@ -1,0 +1,268 @@
+"""Data parallelism over CPU cores: each core runs the whole forward and backward on a slice of the batch.
+
+Why: NumPy runs one op at a time on one core, and only BLAS spreads over the others. PyTorch spreads every
+op over its threads. Splitting each small op between threads costs a GIL hand-off per ufunc call, so
+tinygpt gives each extra core a process of its own, running the same model on its rows of the batch with
+single-threaded BLAS. With B rows cut into slices of n_r rows (r = 0 is the main process):
+
+    L  = Σ_r (n_r / B) · L_r          the batch mean is the slice means weighted by slice size
+    ∇L = Σ_r (n_r / B) · ∇L_r         and so is its gradient
+
+How:
+  - Before the fork, every parameter moves into one block of shared memory (an anonymous MAP_SHARED
+    mmap), so the optimizer's in-place step in the main process is every worker's step too, with no copy.
+  - Each worker owns a shared block for its gradient. Per step the main process sends each worker its
+    slice of (x, y) through a pipe, runs slice 0 itself, then adds the weighted worker gradients into .grad.
+  - The main process alone clips, steps the optimizer, evaluates and saves checkpoints.
+
+    dp = DataParallel(model, workers=2)            # forks 1 worker; Linux only (elsewhere: 1, inline)
+    loss = dp.forward_backward(x, y)               # .grad of every parameter += ∇(mean loss over the batch)
+    dp.close()                                     # or use `with DataParallel(...) as dp:`
+
+Dropout: the main process sends each worker a seed per step, drawn from tinygpt's host generator, so a run
+repeats exactly (and resumes exactly) for a given number of workers. Summing slices in a different order
+than one process would changes the last bits of the result, so a different worker count gives a run
+that differs by rounding.
+"""
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import signal
+import struct
+import sys
+import warnings
+from typing import Any
+
+import numpy as np
+
+import tinygpt
+from tinygpt import backend, cpu_kernels
+
+__all__ = ["DataParallel", "choose_workers", "default_workers"]
+
+_HEADER = struct.Struct("<BqII")       # training flag, dropout seed, rows, columns; then x and y as int64
+_REPLY = struct.Struct("<d")           # the slice's mean loss
+_ALIGN = 64                            # bytes: each shared array starts on a cache line
+
+
+MIN_FLOPS = 1e9      # a training step below ~1 GFLOP (~10 ms on one core) gains less than the pipe costs
+
+
+def default_workers() -> int:
+    """Processes for data parallelism: one per core ($TINYGPT_NUM_THREADS caps it) on Linux, else 1."""
+    return cpu_kernels.num_cores() if sys.platform.startswith("linux") else 1
+
+
+def choose_workers(requested: int, model: Any, tokens: int) -> int:
+    """`requested` if > 0, else default_workers() for a step of at least MIN_FLOPS (≈ 6 · parameters ·
+    tokens: forward 2, backward 4 per weight per token), else 1."""
+    if requested > 0:
+        return requested
+    return default_workers() if 6 * model.num_parameters() * tokens >= MIN_FLOPS else 1
+
+
+def _shared_like(arrays: list) -> list:
+    """Zeroed arrays shaped like `arrays`, all in one anonymous shared mmap (inherited across fork)."""
+    offsets, total = [], 0
+    for a in arrays:
+        offsets.append(total)
+        total += -(-a.nbytes // _ALIGN) * _ALIGN
+    buf = mmap.mmap(-1, max(total, 1))            # MAP_SHARED | MAP_ANONYMOUS
+    return [np.frombuffer(buf, dtype=a.dtype, count=a.size, offset=o).reshape(a.shape)
+            for a, o in zip(arrays, offsets)]
+
+
+class _BlasLimit:
+    """Single-threaded BLAS inside a `with` block (threadpoolctl), so processes do not oversubscribe cores."""
+
+    def __init__(self) -> None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            self._controller = ThreadpoolController()
+        except ImportError:                         # a dependency; without it, BLAS keeps its threads
+            self._controller = None
+        self._limiter = None
+
+    def __enter__(self) -> "_BlasLimit":
+        if self._controller is not None:
+            self._limiter = self._controller.limit(limits=1, user_api="blas")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._limiter is not None:
+            self._limiter.restore_original_limits()
+            self._limiter = None
+
+
+class DataParallel:
+    """Run `model(x, y) -> (logits, loss)` over slices of a batch in `workers` processes (see module doc).
+
+    The model must live on the CPU and keep its parameters (names, shapes) while wrapped; a parameter
+    whose .data was replaced (e.g. by load_state_dict on another array) is copied back into shared memory
+    at the next step.
+    """
+
+    def __init__(self, model: Any, workers: int | None = None):
+        self.model = model
+        self.params = list(model.parameters())
+        if not tinygpt.is_grad_enabled():            # the workers would inherit no_grad for good
+            raise RuntimeError("create DataParallel outside `with tinygpt.no_grad()`")
+        if any(p.device.name != "cpu" for p in self.params):
+            raise ValueError("DataParallel runs on CPU processes; the model has parameters on another device")
+        workers = default_workers() if workers is None else int(workers)
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if workers > 1 and not sys.platform.startswith("linux"):
+            workers = 1                             # fork-based: Linux only
+        self.workers = workers
+        self._conns: list = []
+        self._procs: list = []
+        self._grads: list = []
+        self._shared: list = []
+        self._blas = _BlasLimit()
+        if workers > 1:
+            self._start()
+
+    # --- setup and teardown ------------------------------------------------------------------------------
+    def _start(self) -> None:
+        self._shared = _shared_like([p.data for p in self.params])
+        for p, view in zip(self.params, self._shared):
+            view[...] = p.data
+            p.data = view
+        ctx = multiprocessing.get_context("fork")
+        for rank in range(1, self.workers):
+            grads = _shared_like([p.data for p in self.params])
+            parent_end, child_end = ctx.Pipe()
+            proc = ctx.Process(target=_worker_loop, args=(self.model, self.params, grads, child_end),
+                               name=f"tinygpt-dp{rank}", daemon=True)
+            with warnings.catch_warnings():         # Python 3.12+ warns about fork with threads running
+                warnings.simplefilter("ignore", DeprecationWarning)
+                proc.start()
+            child_end.close()
+            self._conns.append(parent_end)
+            self._procs.append(proc)
+            self._grads.append(grads)
+
+    def close(self) -> None:
+        """Stop the workers and give each parameter private memory again. Safe to call twice."""
+        for conn in self._conns:
+            try:
+                conn.send_bytes(b"")
+            except OSError:
+                pass
+        for proc in self._procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+        for conn in self._conns:
+            conn.close()
+        for p, view in zip(self.params, self._shared):
+            if p.data is view:
+                p.data = view.copy()
+        self._conns, self._procs, self._grads, self._shared = [], [], [], []
+
+    def __enter__(self) -> "DataParallel":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # --- one micro-batch ---------------------------------------------------------------------------------
+    def forward_backward(self, x: Any, y: Any, grad_scale: float = 1.0) -> Any:
+        """Add grad_scale · ∇(mean loss of model(x, y)) to every parameter's .grad; return that mean loss
+        (times 1, not grad_scale) as a 0-d array, without a sync. x, y: (B, T) integer Tensors or arrays."""
+        xh = np.ascontiguousarray(backend.to_numpy(getattr(x, "data", x)), dtype=np.int64)
+        yh = np.ascontiguousarray(backend.to_numpy(getattr(y, "data", y)), dtype=np.int64)
+        if xh.ndim != 2 or xh.shape != yh.shape:
+            raise ValueError(f"forward_backward needs x and y of one (B, T) shape, got {xh.shape} and {yh.shape}")
+        B = xh.shape[0]
+        parts = min(self.workers, B) if self._procs else 1
+        edges = [B * r // parts for r in range(parts + 1)]
+        if parts == 1:
+            return self._slice_backward(xh, yh, grad_scale)
+
+        for p, view in zip(self.params, self._shared):
+            if p.data is not view:                  # replaced since the last step: share it again
+                view[...] = p.data
+                p.data = view
+        rng = backend.host_rng()
+        for r in range(1, parts):
+            lo, hi = edges[r], edges[r + 1]
+            head = _HEADER.pack(self.model.training, int(rng.integers(2 ** 62)), hi - lo, xh.shape[1])
+            self._conns[r - 1].send_bytes(head + xh[lo:hi].tobytes() + yh[lo:hi].tobytes())
+        old_threads = cpu_kernels.set_num_threads(1)
+        try:
+            with self._blas:
+                loss = self._slice_backward(xh[:edges[1]], yh[:edges[1]], grad_scale * edges[1] / B)
+        finally:
+            cpu_kernels.set_num_threads(old_threads)
+            replies = [self._receive(r) for r in range(1, parts)]
+        total = loss * (edges[1] / B)
+        for r, slice_loss in enumerate(replies, start=1):
+            w = (edges[r + 1] - edges[r]) / B
+            total = total + slice_loss * w
+            for p, g in zip(self.params, self._grads[r - 1]):
+                if p.requires_grad:
+                    contribution = g * (grad_scale * w)
+                    if p.grad is None:
+                        p.grad = contribution
+                    else:
+                        p.grad += contribution
+        return total
+
+    def _slice_backward(self, x: np.ndarray, y: np.ndarray, scale: float) -> Any:
+        _, loss = self.model(tinygpt.tensor(x), tinygpt.tensor(y))
+        loss.backward(np.full(loss.shape, scale, dtype=loss.dtype))
+        return loss.data
+
+    def _receive(self, rank: int) -> float:
+        try:
+            msg = self._conns[rank - 1].recv_bytes()
+        except (EOFError, OSError):
+            raise RuntimeError(f"data-parallel worker {rank} died (exit code {self._procs[rank - 1].exitcode}); "
+                               f"run again with --workers 1 to see the error in this process") from None
+        if len(msg) != _REPLY.size:
+            raise RuntimeError(f"data-parallel worker {rank} failed: {msg.decode(errors='replace')}")
+        return _REPLY.unpack(msg)[0]
+
+
+def _worker_loop(model: Any, params: list, grads: list, conn: Any) -> None:
+    """A worker's life: wait for a slice, write its gradient into `grads`, reply with its loss; an empty
+    message (or the main process going away) ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the main process's: it saves, then closes us
+    cpu_kernels.set_num_threads(1)
+    _BlasLimit().__enter__()                        # for the rest of this process
+    while True:
+        try:
+            msg = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        if not msg:
+            return
+        try:
+            training, seed, rows, cols = _HEADER.unpack_from(msg)
+            ids = np.frombuffer(msg, dtype=np.int64, offset=_HEADER.size).reshape(2, rows, cols).copy()
+            model.train(bool(training))
+            backend.manual_seed(seed)               # this step's dropout masks
+            for p in params:
+                p.grad = None
+            _, loss = model(tinygpt.tensor(ids[0]), tinygpt.tensor(ids[1]))
+            loss.backward()
+            for p, g in zip(params, grads):
+                if p.grad is None:
+                    g.fill(0)
+                else:
+                    np.copyto(g, p.grad)
+                p.grad = None
+            reply = _REPLY.pack(float(loss.data))
+        except Exception as e:                      # report, and stay alive for the main process's error
+            reply = f"{type(e).__name__}: {' '.join(str(e).split())}".encode()
+        conn.send_bytes(reply)
