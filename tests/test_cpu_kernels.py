@@ -66,8 +66,9 @@ def test_softmax_lastaxis(Tq, Tk, causal, threads, rng):
     np.testing.assert_allclose(out, _softmax_ref(s, 0.5, mask), atol=2e-7, rtol=1e-5)
 
 
-def test_softmax_backward(threads, rng):
-    p = _softmax_ref(rng.standard_normal((2, 3, 40, 40)), 1.0, None).astype(np.float32)
+@pytest.mark.parametrize("shape", [(2, 3, 40, 40), (4, 4, 64, 300)])     # one block; several
+def test_softmax_backward(shape, threads, rng):
+    p = _softmax_ref(rng.standard_normal(shape), 1.0, None).astype(np.float32)
     d = rng.standard_normal(p.shape).astype(np.float32)
     ref = p * (d - (d * p).sum(-1, keepdims=True)) * 0.3
     np.testing.assert_allclose(K.softmax_backward_(d.copy(), p, 0.3), ref, atol=1e-6)

@@ -12,7 +12,8 @@ How:
   - Before the fork, every parameter moves into one block of shared memory (an anonymous MAP_SHARED
     mmap), so the optimizer's in-place step in the main process is every worker's step too, with no copy.
   - Each worker owns a shared block for its gradient. Per step the main process sends each worker its
-    slice of (x, y) through a pipe, runs slice 0 itself, then adds the weighted worker gradients into .grad.
+    slice of (x, y) and its weight n_r/B through a pipe, runs slice 0 itself, then adds the workers'
+    weighted gradients into .grad.
   - The main process alone clips, steps the optimizer, evaluates and saves checkpoints.
 
     dp = DataParallel(model, workers=2)            # forks 1 worker; Linux only (elsewhere: 1, inline)
@@ -41,7 +42,7 @@ from tinygpt import backend, cpu_kernels
 
 __all__ = ["DataParallel", "choose_workers", "default_workers"]
 
-_HEADER = struct.Struct("<BqII")       # training flag, dropout seed, rows, columns; then x and y as int64
+_HEADER = struct.Struct("<BqdII")      # training flag, dropout seed, gradient scale, rows, columns; x, y
 _REPLY = struct.Struct("<d")           # the slice's mean loss
 _ALIGN = 64                            # bytes: each shared array starts on a cache line
 
@@ -196,7 +197,8 @@ class DataParallel:
         rng = backend.host_rng()
         for r in range(1, parts):
             lo, hi = edges[r], edges[r + 1]
-            head = _HEADER.pack(self.model.training, int(rng.integers(2 ** 62)), hi - lo, xh.shape[1])
+            head = _HEADER.pack(self.model.training, int(rng.integers(2 ** 62)), grad_scale * (hi - lo) / B,
+                                hi - lo, xh.shape[1])
             self._conns[r - 1].send_bytes(head + xh[lo:hi].tobytes() + yh[lo:hi].tobytes())
         old_threads = cpu_kernels.set_num_threads(1)
         try:
@@ -207,15 +209,13 @@ class DataParallel:
             replies = [self._receive(r) for r in range(1, parts)]
         total = loss * (edges[1] / B)
         for r, slice_loss in enumerate(replies, start=1):
-            w = (edges[r + 1] - edges[r]) / B
-            total = total + slice_loss * w
-            for p, g in zip(self.params, self._grads[r - 1]):
+            total = total + slice_loss * ((edges[r + 1] - edges[r]) / B)
+            for p, g in zip(self.params, self._grads[r - 1]):      # g: already scaled by the worker
                 if p.requires_grad:
-                    contribution = g * (grad_scale * w)
                     if p.grad is None:
-                        p.grad = contribution
+                        p.grad = g.copy()
                     else:
-                        p.grad += contribution
+                        p.grad += g
         return total
 
     def _slice_backward(self, x: np.ndarray, y: np.ndarray, scale: float) -> Any:
@@ -248,14 +248,14 @@ def _worker_loop(model: Any, params: list, grads: list, conn: Any) -> None:
         if not msg:
             return
         try:
-            training, seed, rows, cols = _HEADER.unpack_from(msg)
+            training, seed, scale, rows, cols = _HEADER.unpack_from(msg)
             ids = np.frombuffer(msg, dtype=np.int64, offset=_HEADER.size).reshape(2, rows, cols).copy()
             model.train(bool(training))
             backend.manual_seed(seed)               # this step's dropout masks
             for p in params:
                 p.grad = None
             _, loss = model(tinygpt.tensor(ids[0]), tinygpt.tensor(ids[1]))
-            loss.backward()
+            loss.backward(np.full(loss.shape, scale, dtype=loss.dtype))     # (n_r / B) · grad_scale · ∇L_r
             for p, g in zip(params, grads):
                 if p.grad is None:
                     g.fill(0)
