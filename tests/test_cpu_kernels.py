@@ -87,7 +87,14 @@ def test_layer_norm(shape, threads, rng):
     dxh = g.astype(np.float64) * w
     ref = (dxh - dxh.mean(-1, keepdims=True) - ref_xhat * (dxh * ref_xhat).mean(-1, keepdims=True)) * \
         (1 / np.sqrt(x64.var(-1, keepdims=True) + 1e-5))
-    np.testing.assert_allclose(K.layer_norm_backward(g, xhat, rstd, w), ref, atol=1e-4, rtol=1e-4)
+    dx, dw, db = K.layer_norm_backward(g, xhat, rstd, w)
+    np.testing.assert_allclose(dx, ref, atol=1e-4, rtol=1e-4)
+    assert dw is None and db is None
+    dx2, dw, db = K.layer_norm_backward(g, xhat, rstd, w, want_dw=True, want_db=True)
+    np.testing.assert_array_equal(dx2, dx)
+    rows = g.reshape(-1, shape[-1]).astype(np.float64)
+    np.testing.assert_allclose(dw, (rows * ref_xhat.reshape(rows.shape)).sum(0), atol=1e-3, rtol=1e-4)
+    np.testing.assert_allclose(db, rows.sum(0), atol=1e-3, rtol=1e-5)
 
 
 @pytest.mark.parametrize("V", [1, 65, 5000])

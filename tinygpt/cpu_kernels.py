@@ -322,16 +322,26 @@ def layer_norm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, eps: 
     return y.reshape(x.shape), xhat.reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,))
 
 
-def layer_norm_backward(g: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """dx = r (dx̂ - mean(dx̂) - x̂ mean(dx̂ x̂)), dx̂ = g w, row by row."""
+def layer_norm_backward(g: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: np.ndarray,
+                        want_dw: bool = False, want_db: bool = False) -> tuple:
+    """dx = r (dx̂ - mean(dx̂) - x̂ mean(dx̂ x̂)), dx̂ = g w, row by row; and, while each block of g and x̂
+    is in cache, dw = Σ_rows g x̂ and db = Σ_rows g when asked (else None). Returns (dx, dw, db)."""
     C = xhat.shape[-1]
     g2, xh2, r2 = np.ascontiguousarray(g).reshape(-1, C), xhat.reshape(-1, C), rstd.reshape(-1, 1)
     dx = np.empty_like(xh2)
     ones = np.full(C, 1.0 / C, xhat.dtype)
+    partial_dw: list = []                                  # one (C,) sum per block (append is thread-safe)
+    partial_db: list = []
 
     def block(lo: int, hi: int) -> None:
-        d, xh = dx[lo:hi], xh2[lo:hi]
-        np.multiply(g2[lo:hi], w, out=d)                   # dx̂
+        d, xh, gb = dx[lo:hi], xh2[lo:hi], g2[lo:hi]
+        column_ones = np.ones(hi - lo, xhat.dtype)
+        if want_db:
+            partial_db.append(column_ones @ gb)            # Σ g over these rows, as a GEMV
+        if want_dw:
+            np.multiply(gb, xh, out=d)
+            partial_dw.append(column_ones @ d)             # Σ g x̂ over these rows
+        np.multiply(gb, w, out=d)                          # dx̂
         m1 = d @ ones                                      # mean(dx̂)
         m2 = np.einsum("ij,ij->i", d, xh) / C              # mean(dx̂ x̂)
         d -= m1[:, None]
@@ -339,7 +349,9 @@ def layer_norm_backward(g: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: np
         d *= r2[lo:hi]
 
     parallel_blocks(block, xh2.shape[0], block=max(1, ROW_BLOCK // C), item_size=C)
-    return dx.reshape(xhat.shape)
+    dw = sum(partial_dw[1:], partial_dw[0]) if want_dw and partial_dw else None
+    db = sum(partial_db[1:], partial_db[0]) if want_db and partial_db else None
+    return dx.reshape(xhat.shape), dw, db
 
 
 # --- embedding backward ------------------------------------------------------------------------------

@@ -82,9 +82,11 @@ class LayerNorm(Function):
         nx, nw, *nb = ctx.needs_input_grad
         C = xhat.shape[-1]
         gx = gw = gb = None
-        if nx and ctx.device.name == "cpu":
-            gx = cpu_kernels.layer_norm_backward(g, xhat, rstd, w)
-        elif nx and cuda_kernels.fusable(ctx.device, g, xhat, w):
+        want_db = bool(nb and nb[0])
+        if nx and ctx.device.name == "cpu":                      # dw and db come from the same pass
+            gx, gw, gb = cpu_kernels.layer_norm_backward(g, xhat, rstd, w, bool(nw), want_db)
+            return (gx, gw, gb, None) if nb else (gx, gw)
+        if nx and cuda_kernels.fusable(ctx.device, g, xhat, w):
             gx = cuda_kernels.layer_norm_backward_dx(g, xhat, rstd, w)
         elif nx:
             dxhat = g * w
@@ -92,7 +94,7 @@ class LayerNorm(Function):
                          - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
         if nw:
             gw = unbroadcast((g * xhat).reshape(-1, C), (C,))
-        if nb and nb[0]:
+        if want_db:
             gb = unbroadcast(g.reshape(-1, C), (C,))
         return (gx, gw, gb, None) if nb else (gx, gw)
 
