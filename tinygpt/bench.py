@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import statistics
@@ -132,25 +133,39 @@ def _timed(step: Callable, n: int, sync: Callable[[], None]) -> list:
     return out
 
 
+def _our_pids() -> list:
+    """This process and its data-parallel workers (tinygpt.parallel): their memory counts as ours."""
+    return ["self"] + [p.pid for p in multiprocessing.active_children()]
+
+
 def _rss_mb() -> float:
-    """Current resident set size in MiB (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-    except OSError:
-        return 0.0
+    """Current resident set size in MiB, summed over _our_pids() (Linux /proc; 0 elsewhere). Pages the
+    processes share (NumPy's code, the shared weights) are counted once per process: an upper bound."""
+    total = 0.0
+    for pid in _our_pids():
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        except OSError:
+            pass
+    return total
 
 
 def _peak_rss_mb() -> float:
-    """This process's peak RSS in MiB. Linux's VmHWM, not ru_maxrss: a child started by fork + exec
-    inherits its parent's ru_maxrss, which would hide the child's own peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024                # kB
-    except OSError:
-        pass
+    """Peak RSS in MiB, summed over _our_pids() like _rss_mb. Linux's VmHWM, not ru_maxrss: a child
+    started by fork + exec inherits its parent's ru_maxrss, which would hide the child's own peak."""
+    total, found = 0.0, False
+    for pid in _our_pids():
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1]) / 1024          # kB
+                        found = True
+        except OSError:
+            pass
+    if found:
+        return total
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024    # Linux reports KiB
 
 
@@ -165,7 +180,8 @@ def _child_peak_rss(framework: str, preset: str, batch_size: int, device: str) -
 
 
 def _child(args: argparse.Namespace) -> int:
-    config, model, step, batch, hyper = _setup(args.preset, args.batch_size, args.device, args.workers)
+    workers = 1 if args._child == "torch" else args.workers       # torch's process: no idle worker in it
+    config, model, step, batch, hyper = _setup(args.preset, args.batch_size, args.device, workers)
     if args._child == "torch":
         step = _torch_step(config, model, batch, hyper, args.device)
         del model
