@@ -6,7 +6,8 @@ Two tricks make plain NumPy fast here:
   2. Threads. NumPy releases the GIL inside ufunc loops, so large arrays (≥ 1M elements) are shared
      out to a small thread pool, one worker per core. Measured on a 2-core box (BENCHMARKS.md) this
      gains little: each ufunc call takes the GIL back, and OpenBLAS's idle threads spin on the second
-     core between matmuls. Small arrays therefore stay on the calling thread.
+     core between matmuls. Small arrays therefore stay on the calling thread. Training uses the other
+     cores through processes instead (tinygpt/parallel.py), which cap these kernels at one thread.
 
 Every kernel here takes and returns NumPy arrays only; the ops call them when `ctx.xp is numpy` and use
 their plain xp versions otherwise (CuPy has its own fused kernels in cuda_kernels.py).
