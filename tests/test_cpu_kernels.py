@@ -109,7 +109,7 @@ def test_embedding_backward(V, rng):
 
 @pytest.mark.parametrize("decoupled", [True, False])
 def test_adam_step_matches_the_equations(decoupled, threads, rng):
-    shapes = [(3,), (200, 300), (17, 5)]                 # one parameter spans many blocks
+    shapes = [(3,), (400, 500), (17, 5)]                 # one parameter spans several blocks
     params = [(rng.standard_normal(s).astype(np.float32), rng.standard_normal(s).astype(np.float32),
                rng.standard_normal(s).astype(np.float32) * 0.1, rng.random(s).astype(np.float32) * 0.1, t)
               for s, t in zip(shapes, (1, 5, 30))]
