@@ -39,13 +39,20 @@ def _additive_causal_mask(Tq: int, Tk: int, dtype):
     return _additive_masks[key]
 
 
+def _transposed(ctx, a):
+    """aᵀ over the last two axes: a view, or on the CPU a contiguous copy, since NumPy's batched matmul
+    with a transposed second operand is ~30% slower at these sizes (the copy costs less)."""
+    t = a.swapaxes(-1, -2)
+    return np.ascontiguousarray(t) if ctx.xp is np else t
+
+
 class ScaledDotProductAttention(Function):
     @staticmethod
     def forward(ctx, q, k, v, causal=True, dropout_p=0.0, scale=None):
         xp = ctx.xp
         Tq, Tk = q.shape[-2], k.shape[-2]
         scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
-        s = q @ k.swapaxes(-1, -2)                                # (B, H, Tq, Tk)
+        s = q @ _transposed(ctx, k)                               # (B, H, Tq, Tk)
         if ctx.device.name == "cpu":                              # blocked, threaded, in place
             mask = _additive_causal_mask(Tq, Tk, s.dtype) if causal else None
             p = cpu_kernels.softmax_lastaxis_(s, scale, mask, causal=causal)
@@ -74,7 +81,7 @@ class ScaledDotProductAttention(Function):
         nq, nk, nv = ctx.needs_input_grad
         pd = p if mask is None else p * mask
         dv = pd.swapaxes(-1, -2) @ g if nv else None              # (B, H, Tk, hs)
-        dp = g @ v.swapaxes(-1, -2)                               # (B, H, Tq, Tk)
+        dp = g @ _transposed(ctx, v)                              # (B, H, Tq, Tk)
         if mask is not None:
             dp *= mask
         # softmax backward, in place: dS = P ⊙ (dP - Σ dP ⊙ P) · scale
