@@ -75,7 +75,8 @@ def main(argv=None) -> None:
             group["lr"] = schedule(it)
         x, y = data.get_batch(train_data, hp.batch_size, hp.block_size, batch_rng, device)   # (B, T) each
         logits, loss = model(x, y)                                                          # (B, T, V), ()
-        loss.backward()
+        loss.backward()        # on a multi-core CPU, `tinygpt train` does these two lines on every core at
+        #                        once: dp = tinygpt.parallel.DataParallel(model); dp.forward_backward(x, y)
         optim.clip_grad_norm_(model.parameters(), hp.grad_clip)
         optimizer.step()
         optimizer.zero_grad()
