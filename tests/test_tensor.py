@@ -160,6 +160,28 @@ def test_a_node_used_twice_gets_the_sum_of_its_gradients(device):
     assert_allclose(grad(y), [2 * 2 + math.exp(2) * 3 - 1], rtol=1e-6)
 
 
+def test_slices_of_one_tensor_add_up_with_each_other_and_with_dense_gradients(device):
+    # indexing's backward is a SparseGrad: slices add into one buffer, mixed with ordinary gradients
+    rng = np.random.default_rng(0)
+    xv = rng.standard_normal((3, 2, 4)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 4)).astype(np.float32)
+    x = tinygpt.tensor(xv, requires_grad=True, device=device)
+    h = x * 1.0                                               # a non-leaf, so the engine sums for it
+    q, k, v = h[0], h[1], h[2]
+    rows = h[[0, 0, 2]]                                       # advanced index: rows 0 twice (scatter-add)
+    loss = (q * w[0]).sum() + (k * w[1]).sum() + (v * w[2]).sum() + (h * h).sum() + (rows * rows).sum() \
+        + (h[1] * 3.0).sum()
+    loss.backward()
+    expect = w + 2 * xv                                       # q, k, v and the dense h * h
+    expect[0] += 2 * 2 * xv[0]                                # rows 0, 0
+    expect[2] += 2 * xv[2]                                    # row 2
+    expect[1] += 3.0                                          # a second slice at the same place
+    assert_allclose(grad(x), expect, rtol=1e-5, atol=1e-6)
+    y = tinygpt.tensor(xv, requires_grad=True, device=device)  # a leaf sliced twice
+    (y[0].sum() + y[0:2].sum()).backward()
+    assert_allclose(grad(y), np.array([2, 1, 0], np.float32)[:, None, None] * np.ones((3, 2, 4)))
+
+
 def test_leaf_grads_never_alias(device):
     x = tinygpt.tensor([1.0, 2.0], requires_grad=True, device=device)
     y = tinygpt.tensor([3.0, 4.0], requires_grad=True, device=device)

@@ -188,10 +188,14 @@ class Tensor:
         root = self._ctx if self._ctx is not None else self
         grads = {id(root): grad}
         handed = {id(grad)}  # ids of arrays given to a leaf's .grad in this call: never alias two
+        owned: set = set()   # ids of sums this loop made and alone holds: safe to add into in place
         for node in _toposort(root):
             g = grads.pop(id(node), None)
             if g is None:
                 continue
+            owned.discard(id(g))
+            if isinstance(g, SparseGrad):
+                g = g.dense()
             if isinstance(node, Tensor):  # a leaf
                 _accumulate_leaf(node, g, handed)
                 continue
@@ -217,7 +221,18 @@ class Tensor:
                 if pg.dtype != dtype:
                     pg = pg.astype(dtype)
                 key = id(parent)
-                grads[key] = pg if key not in grads else grads[key] + pg
+                prev = grads.get(key)
+                if prev is None:
+                    grads[key] = pg
+                elif id(prev) in owned:                   # a sum made below: add into it
+                    if isinstance(pg, SparseGrad):
+                        pg.add_to(prev)
+                    else:
+                        prev += pg
+                else:
+                    total = _sum_grads(prev, pg)
+                    grads[key] = total
+                    owned.add(id(total))
             if not retain_graph:
                 node.saved, node.parents, node.freed = None, (), True
 
@@ -283,6 +298,48 @@ def _toposort(root: Any) -> list:
                     stack.append((p, False))
     order.reverse()  # root first
     return order
+
+
+class SparseGrad:
+    """A gradient that is zero except at `index`, where it is `values`: what indexing's backward returns.
+
+    Slices of one tensor (q, k, v = qkv[0], qkv[1], qkv[2]) then add into a single zero-filled buffer,
+    instead of each making a full zero array that is summed afterwards. `basic`: the index only picks
+    a view (ints, slices), so no element repeats; otherwise repeated indices add up (a scatter-add).
+    """
+    __slots__ = ("xp", "shape", "index", "values", "basic")
+
+    def __init__(self, xp: Any, shape: tuple, index: Any, values: Any, basic: bool):
+        self.xp, self.shape, self.index, self.values, self.basic = xp, tuple(shape), index, values, basic
+
+    @property
+    def dtype(self) -> Any:
+        return self.values.dtype
+
+    def astype(self, dtype: Any) -> "SparseGrad":
+        return SparseGrad(self.xp, self.shape, self.index, self.values.astype(dtype), self.basic)
+
+    def add_to(self, buf: Any) -> Any:
+        """buf[index] += values, in place; returns buf."""
+        if self.basic:
+            buf[self.index] += self.values
+        else:
+            backend.scatter_add(self.xp, buf, self.index, self.values)
+        return buf
+
+    def dense(self) -> Any:
+        return self.add_to(self.xp.zeros(self.shape, dtype=self.values.dtype))
+
+
+def _sum_grads(a: Any, b: Any) -> Any:
+    """a + b as a new array, for dense arrays and SparseGrads alike."""
+    if isinstance(a, SparseGrad):
+        a, b = b, a
+    if isinstance(a, SparseGrad):
+        return b.add_to(a.dense())
+    if isinstance(b, SparseGrad):
+        return b.add_to(a.copy())
+    return a + b
 
 
 def _accumulate_leaf(leaf: Tensor, g: Any, handed: set) -> None:

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from tinygpt import backend
 from tinygpt.function import Function
-from tinygpt.tensor import Tensor
+from tinygpt.tensor import SparseGrad, Tensor
 
 
 class Reshape(Function):
@@ -63,14 +63,9 @@ class GetItem(Function):
         return a[index]
 
     @staticmethod
-    def backward(ctx, g):  # each picked element gets its gradient; repeats add up (scatter-add)
+    def backward(ctx, g):  # each picked element gets its gradient, the rest 0; repeats add up (scatter-add)
         shape, dtype, index = ctx.saved_tensors
-        out = ctx.xp.zeros(shape, dtype=g.dtype)
-        if _is_basic(index):
-            out[index] = g
-        else:
-            backend.scatter_add(ctx.xp, out, index, g)
-        return out, None
+        return SparseGrad(ctx.xp, shape, index, g, _is_basic(index)), None   # made dense by the engine
 
 
 class Cat(Function):
