@@ -330,7 +330,7 @@ def layer_norm_backward(g: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: np
     C = xhat.shape[-1]
     g2, xh2, r2 = np.ascontiguousarray(g).reshape(-1, C), xhat.reshape(-1, C), rstd.reshape(-1, 1)
     dx = np.empty_like(xh2)
-    ones = np.full(C, 1.0 / C, xhat.dtype)
+    w_mean = (w / C).astype(xhat.dtype)                    # row means of (…) ⊙ w as one GEMV with w/C
     partial_dw: list = []                                  # one (C,) sum per block (append is thread-safe)
     partial_db: list = []
 
@@ -339,14 +339,14 @@ def layer_norm_backward(g: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: np
         column_ones = np.ones(hi - lo, xhat.dtype)
         if want_db:
             partial_db.append(column_ones @ gb)            # Σ g over these rows, as a GEMV
+        np.multiply(gb, xh, out=d)                         # g x̂
         if want_dw:
-            np.multiply(gb, xh, out=d)
             partial_dw.append(column_ones @ d)             # Σ g x̂ over these rows
+        m2 = d @ w_mean                                    # mean(dx̂ x̂) = mean(g x̂ w)
+        m1 = gb @ w_mean                                   # mean(dx̂) = mean(g w)
         np.multiply(gb, w, out=d)                          # dx̂
-        m1 = d @ ones                                      # mean(dx̂)
-        m2 = np.einsum("ij,ij->i", d, xh) / C              # mean(dx̂ x̂)
         d -= m1[:, None]
-        d -= xh * m2[:, None].astype(d.dtype)
+        d -= xh * m2[:, None]
         d *= r2[lo:hi]
 
     parallel_blocks(block, xh2.shape[0], block=max(1, LARGE_BLOCK // C), item_size=C)
