@@ -188,7 +188,7 @@ class DataParallel:
         parts = min(self.workers, B) if self._procs else 1
         edges = [B * r // parts for r in range(parts + 1)]
         if parts == 1:
-            return self._slice_backward(xh, yh, grad_scale)
+            return _slice_backward(self.model, xh, yh, grad_scale)
 
         for p, view in zip(self.params, self._shared):
             if p.data is not view:                  # replaced since the last step: share it again
@@ -203,7 +203,8 @@ class DataParallel:
         old_threads = cpu_kernels.set_num_threads(1)
         try:
             with self._blas:
-                loss = self._slice_backward(xh[:edges[1]], yh[:edges[1]], grad_scale * edges[1] / B)
+                loss = _slice_backward(self.model, xh[:edges[1]], yh[:edges[1]],
+                                       grad_scale * edges[1] / B)
         finally:
             cpu_kernels.set_num_threads(old_threads)
             replies = [self._receive(r) for r in range(1, parts)]
@@ -216,12 +217,7 @@ class DataParallel:
                         p.grad = g.copy()
                     else:
                         p.grad += g
-        return total
-
-    def _slice_backward(self, x: np.ndarray, y: np.ndarray, scale: float) -> Any:
-        _, loss = self.model(tinygpt.tensor(x), tinygpt.tensor(y))
-        loss.backward(np.full(loss.shape, scale, dtype=loss.dtype))
-        return loss.data
+        return np.asarray(total, dtype=loss.dtype)
 
     def _receive(self, rank: int) -> float:
         try:
@@ -232,6 +228,13 @@ class DataParallel:
         if len(msg) != _REPLY.size:
             raise RuntimeError(f"data-parallel worker {rank} failed: {msg.decode(errors='replace')}")
         return _REPLY.unpack(msg)[0]
+
+
+def _slice_backward(model: Any, x: np.ndarray, y: np.ndarray, scale: float) -> Any:
+    """Mean loss of model(x, y) as a 0-d array; adds scale · its gradient into the parameters' .grad."""
+    _, loss = model(tinygpt.tensor(x), tinygpt.tensor(y))
+    loss.backward(np.full(loss.shape, scale, dtype=loss.dtype))
+    return loss.data
 
 
 def _worker_loop(model: Any, params: list, grads: list, conn: Any) -> None:
@@ -254,15 +257,14 @@ def _worker_loop(model: Any, params: list, grads: list, conn: Any) -> None:
             backend.manual_seed(seed)               # this step's dropout masks
             for p in params:
                 p.grad = None
-            _, loss = model(tinygpt.tensor(ids[0]), tinygpt.tensor(ids[1]))
-            loss.backward(np.full(loss.shape, scale, dtype=loss.dtype))     # (n_r / B) · grad_scale · ∇L_r
+            loss = _slice_backward(model, ids[0], ids[1], scale)             # (n_r / B) · grad_scale · ∇L_r
             for p, g in zip(params, grads):
                 if p.grad is None:
                     g.fill(0)
                 else:
                     np.copyto(g, p.grad)
                 p.grad = None
-            reply = _REPLY.pack(float(loss.data))
+            reply = _REPLY.pack(float(loss))
         except Exception as e:                      # report, and stay alive for the main process's error
             reply = f"{type(e).__name__}: {' '.join(str(e).split())}".encode()
         conn.send_bytes(reply)
