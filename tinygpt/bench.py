@@ -243,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "generate", False):
         return _report(_generate(args, device), args.json)
 
+    peak = matmul_peak_gflops(device)       # before _setup: data parallelism makes BLAS single-threaded
     config, model, step, batch, hyper = _setup(preset, batch_size, device, getattr(args, "workers", None))
     sync = lambda: backend.synchronize(device)                    # noqa: E731
     racers: dict[str, Callable] = {"tinygpt": step}
@@ -268,7 +269,6 @@ def run(args: argparse.Namespace) -> int:
             times[name] += _timed(s, per_round, sync if name == "tinygpt" else torch_sync)
     tokens = batch_size * config.block_size
     flops = flops_per_step(config, batch_size)
-    peak = matmul_peak_gflops(device)
     result: dict[str, Any] = {
         "preset": preset, "device": device, "batch_size": batch_size, "block_size": config.block_size,
         "n_params": model.num_parameters(), "steps": len(times["tinygpt"]), "rounds": rounds,
