@@ -108,8 +108,9 @@ def test_embedding_backward(V, rng):
 
 
 @pytest.mark.parametrize("decoupled", [True, False])
-def test_adam_step_matches_the_equations(decoupled, threads, rng):
-    shapes = [(3,), (400, 500), (17, 5)]                 # one parameter spans several blocks
+@pytest.mark.parametrize("big", [(400, 500), (1100, 1000)])   # several blocks; past MIN_PARALLEL in all
+def test_adam_step_matches_the_equations(decoupled, big, threads, rng):
+    shapes = [(3,), big, (17, 5)]
     params = [(rng.standard_normal(s).astype(np.float32), rng.standard_normal(s).astype(np.float32),
                rng.standard_normal(s).astype(np.float32) * 0.1, rng.random(s).astype(np.float32) * 0.1, t)
               for s, t in zip(shapes, (1, 5, 30))]

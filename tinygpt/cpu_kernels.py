@@ -292,8 +292,10 @@ def adam_step(params: list, lr: float, beta1: float, beta2: float, eps: float, w
             w *= c(lr / (1.0 - beta1 ** t))
             th -= w
 
-    # each thread takes a contiguous share of the blocks (parallel_blocks's block = all of them)
-    parallel_blocks(block, len(tasks), block=max(1, len(tasks)), item_size=LARGE_BLOCK)
+    # each thread takes a contiguous share of the blocks (parallel_blocks's block = all of them); threads
+    # only from MIN_PARALLEL parameters in all (item_size: the mean block length)
+    total = sum(theta.size for theta, *_rest in params)
+    parallel_blocks(block, len(tasks), block=max(1, len(tasks)), item_size=max(1, total // max(1, len(tasks))))
 
 
 # --- layer norm over the last axis -------------------------------------------------------------------
