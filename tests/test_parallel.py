@@ -8,7 +8,7 @@ import pytest
 import tinygpt
 from tinygpt import optim
 from tinygpt.models import GPT, GPTConfig
-from tinygpt.parallel import DataParallel, choose_workers
+from tinygpt.parallel import DataParallel, choose_workers, default_workers
 from tinygpt.train import RunSettings, Trainer
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="data parallelism forks: Linux only")
@@ -135,12 +135,16 @@ def test_bad_use_is_refused():
         DataParallel(model, 2)
 
 
-def test_choose_workers_skips_small_models():
+def test_choose_workers_skips_small_models(monkeypatch):
     model, _, _ = model_and_batch()
     assert choose_workers(3, model, 10) == 3                      # asked for: given
     assert choose_workers(0, model, 10) == 1                      # ~1e6 FLOPs a step: not worth a process
     big = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128))
-    assert choose_workers(0, big, 12 * 64) >= 1
+    assert choose_workers(0, big, 12 * 64) == default_workers()   # the cpu preset: ~3.7 GFLOP a step
+    monkeypatch.setenv("TINYGPT_NUM_THREADS", "3")
+    assert default_workers() == 3
+    monkeypatch.setenv("TINYGPT_NUM_THREADS", "1")                # one core: no worker processes
+    assert choose_workers(0, big, 12 * 64) == 1
 
 
 def test_trainer_with_workers_tracks_one_process(tmp_path, monkeypatch):
