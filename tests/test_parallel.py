@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tinygpt
-from tinygpt import optim
+from tinygpt import backend, optim
 from tinygpt.models import GPT, GPTConfig
 from tinygpt.parallel import DataParallel, choose_workers, default_workers
 from tinygpt.train import RunSettings, Trainer
@@ -76,15 +76,24 @@ def test_optimizer_steps_in_the_main_process_reach_the_workers():
 
 
 def test_dropout_is_repeatable_and_differs_between_slices():
-    grads = []
-    for _ in range(2):
+    def grads(seed):
         model, x, y = model_and_batch(4, dropout=0.5)
-        x[2:] = x[:2]                      # the worker's rows repeat the main's: only dropout tells them apart
-        y[2:] = y[:2]
+        x[2:], y[2:] = x[:2], y[:2]        # the worker's rows repeat the main's: only dropout tells them apart
         with DataParallel(model, 2) as dp:
+            tinygpt.manual_seed(seed)
             dp.forward_backward(x, y)
-        grads.append(model.transformer.wte.weight.grad.copy())
-    np.testing.assert_array_equal(grads[0], grads[1])
+            both = model.transformer.wte.weight.grad.copy()
+            model.zero_grad()               # the main process's half alone, with the same draws: the
+            tinygpt.manual_seed(seed)       # worker's seed first, then its own dropout masks
+            backend.host_rng().integers(2 ** 62)
+            _, loss = model(tinygpt.tensor(x[:2]), tinygpt.tensor(y[:2]))
+            loss.backward()
+            main_half = model.transformer.wte.weight.grad.copy()
+        return both, main_half
+    both, main_half = grads(3)
+    np.testing.assert_array_equal(grads(3)[0], both)                 # the same seed: the same step
+    worker_half = 2 * both - main_half                               # both = ½ main + ½ worker
+    assert np.abs(worker_half - main_half).max() > 1e-3               # the worker drew its own masks
     model, x, y = model_and_batch(4, dropout=0.5)
     x[2:], y[2:] = x[:2], y[:2]
     model.eval()                           # no dropout: the two halves give the same gradient
