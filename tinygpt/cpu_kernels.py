@@ -2,7 +2,7 @@
 
 Two tricks make plain NumPy fast here:
   1. Cache blocking. A chain of ufuncs over a 12 MB activation streams it through memory once per op;
-     the same chain over 16K-element blocks keeps each block (and its temporaries) in L2 cache.
+     the same chain over 64K-element blocks keeps each block (and its temporaries) in L2 cache.
   2. Threads. NumPy releases the GIL inside ufunc loops, so large arrays (≥ 1M elements) are shared
      out to a small thread pool, one worker per core. Measured on a 2-core box (BENCHMARKS.md) this
      gains little: each ufunc call takes the GIL back, and OpenBLAS's idle threads spin on the second
@@ -22,9 +22,9 @@ from typing import Callable
 
 import numpy as np
 
-BLOCK = 16384            # elements per cache block (64 KiB of float32)
-LARGE_BLOCK = 4 * BLOCK  # for softmax, layer norm and AdamW: fewer, longer NumPy calls (a 256 KiB block and
-                         # its 2-3 companions still fit a 1 MiB L2; 20-25% faster than BLOCK here)
+BLOCK = 65536            # elements per cache block: 256 KiB of float32. A block and its 2-3 temporaries
+                         # still fit a 1 MiB L2, and each NumPy call (~1 µs of overhead) does enough work:
+                         # 20-25% faster than 16K blocks for GELU, softmax, layer norm and AdamW here
 MIN_PARALLEL = 1 << 20   # below this many elements, run inline: a thread hop costs more than it saves
 
 
@@ -179,7 +179,7 @@ def multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
     out = np.empty_like(b)
     af, bf, of = a.reshape(-1), b.reshape(-1), out.reshape(-1)
-    parallel_blocks(lambda lo, hi: np.multiply(af[lo:hi], bf[lo:hi], out=of[lo:hi]), of.size, block=LARGE_BLOCK)
+    parallel_blocks(lambda lo, hi: np.multiply(af[lo:hi], bf[lo:hi], out=of[lo:hi]), of.size)
     return out
 
 
@@ -220,7 +220,7 @@ def softmax_lastaxis_(s: np.ndarray, scale: float = 1.0, additive_mask: np.ndarr
         np.divide(c(1), sums, out=sums)
         r *= sums[:, None]
 
-    parallel_blocks(block, rows.shape[0], block=max(Tq, LARGE_BLOCK // Tk), align=Tq, item_size=Tk)
+    parallel_blocks(block, rows.shape[0], block=max(Tq, BLOCK // Tk), align=Tq, item_size=Tk)
     return s
 
 
@@ -237,7 +237,7 @@ def softmax_backward_(dp: np.ndarray, p: np.ndarray, scale: float = 1.0) -> np.n
         if scale != 1.0:
             d *= c(scale)
 
-    parallel_blocks(block, d2.shape[0], block=max(1, LARGE_BLOCK // Tk), item_size=Tk)
+    parallel_blocks(block, d2.shape[0], block=max(1, BLOCK // Tk), item_size=Tk)
     return dp
 
 
@@ -264,11 +264,11 @@ def adam_step(params: list, lr: float, beta1: float, beta2: float, eps: float, w
     tasks = []                                    # (param index, lo, hi) over the flattened arrays
     for i, (theta, *_rest) in enumerate(params):
         n = theta.size
-        tasks += [(i, lo, min(lo + LARGE_BLOCK, n)) for lo in range(0, n, LARGE_BLOCK)]
+        tasks += [(i, lo, min(lo + BLOCK, n)) for lo in range(0, n, BLOCK)]
     flat = [(th.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), t) for th, g, m, v, t in params]
 
     def block(k0: int, k1: int) -> None:
-        tmp = np.empty(LARGE_BLOCK, np.float32)
+        tmp = np.empty(BLOCK, np.float32)
         for i, lo, hi in tasks[k0:k1]:
             theta, g, m, v, t = flat[i]
             th, gb, mb, vb, w = theta[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], tmp[:hi - lo]
@@ -321,7 +321,7 @@ def layer_norm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, eps: 
         if b is not None:
             y[lo:hi] += b
 
-    parallel_blocks(block, x2.shape[0], block=max(1, LARGE_BLOCK // C), item_size=C)
+    parallel_blocks(block, x2.shape[0], block=max(1, BLOCK // C), item_size=C)
     return y.reshape(x.shape), xhat.reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,))
 
 
@@ -351,7 +351,7 @@ def layer_norm_backward(g: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: np
         d -= xh * m2[:, None]
         d *= r2[lo:hi]
 
-    parallel_blocks(block, xh2.shape[0], block=max(1, LARGE_BLOCK // C), item_size=C)
+    parallel_blocks(block, xh2.shape[0], block=max(1, BLOCK // C), item_size=C)
     dw = sum(partial_dw[1:], partial_dw[0]) if want_dw and partial_dw else None
     db = sum(partial_db[1:], partial_db[0]) if want_db and partial_db else None
     return dx.reshape(xhat.shape), dw, db
