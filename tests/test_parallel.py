@@ -48,6 +48,27 @@ def test_gradient_and_loss_equal_one_process(B, workers):
             np.testing.assert_allclose(p.grad, 2 * ref[n], rtol=1e-5, atol=1e-7, err_msg=n)
 
 
+@pytest.mark.parametrize("B,workers", [(5, 2), (2, 3)])
+def test_loss_alone_equals_one_process_and_touches_nothing(B, workers):
+    model, x, y = model_and_batch(B, dropout=0.5)
+    model.eval()                                        # the worker must run in eval mode too (no dropout)
+    with tinygpt.no_grad():
+        ref = float(model(tinygpt.tensor(x), tinygpt.tensor(y))[1].item())
+    with DataParallel(model, workers) as dp:
+        rng_state = backend.get_rng_state()
+        loss = dp.loss(x, y)
+        assert loss.dtype == np.float32
+        assert float(loss) == pytest.approx(ref, rel=1e-6)
+        assert all(p.grad is None for p in model.parameters())
+        assert backend.get_rng_state() == rng_state      # no dropout seeds drawn: training streams unmoved
+        with tinygpt.no_grad():                           # as estimate_loss calls it
+            assert float(dp.loss(x, y)) == pytest.approx(ref, rel=1e-6)
+        ref_loss, ref_grads = one_process_grads(model, x, y)
+        assert float(dp.forward_backward(x, y)) == pytest.approx(ref_loss, rel=1e-6)   # training goes on
+        np.testing.assert_allclose(model.transformer.wte.weight.grad, ref_grads["transformer.wte.weight"],
+                                   rtol=1e-5, atol=1e-7)
+
+
 def test_optimizer_steps_in_the_main_process_reach_the_workers():
     model, x, y = model_and_batch(6)
     twin, _, _ = model_and_batch(6)

@@ -14,10 +14,12 @@ How:
   - Each worker owns a shared block for its gradient. Per step the main process sends each worker its
     slice of (x, y) and its weight n_r/B through a pipe, runs slice 0 itself, then adds the workers'
     weighted gradients into .grad.
-  - The main process alone clips, steps the optimizer, evaluates and saves checkpoints.
+  - The main process alone clips, steps the optimizer and saves checkpoints. Evaluation splits its batches
+    the same way, forward only.
 
     dp = DataParallel(model, workers=2)            # forks 1 worker; Linux only (elsewhere: 1, inline)
     loss = dp.forward_backward(x, y)               # .grad of every parameter += ∇(mean loss over the batch)
+    loss = dp.loss(x, y)                           # the mean loss alone (no graph; for evaluation)
     dp.close()                                     # or use `with DataParallel(...) as dp:`
 
 Dropout: the main process sends each worker a seed per step, drawn from tinygpt's host generator, so a run
@@ -42,7 +44,8 @@ from tinygpt import backend, cpu_kernels
 
 __all__ = ["DataParallel", "choose_workers", "default_workers"]
 
-_HEADER = struct.Struct("<BqdII")      # training flag, dropout seed, gradient scale, rows, columns; x, y
+_HEADER = struct.Struct("<BBqdII")     # training and backward flags, dropout seed, gradient scale, rows,
+                                       # columns; then x, y
 _REPLY = struct.Struct("<d")           # the slice's mean loss
 _ALIGN = 64                            # bytes: each shared array starts on a cache line
 
@@ -180,15 +183,23 @@ class DataParallel:
     def forward_backward(self, x: Any, y: Any, grad_scale: float = 1.0) -> Any:
         """Add grad_scale · ∇(mean loss of model(x, y)) to every parameter's .grad; return that mean loss
         (times 1, not grad_scale) as a 0-d array, without a sync. x, y: (B, T) integer Tensors or arrays."""
+        return self._run(x, y, grad_scale, backward=True)
+
+    def loss(self, x: Any, y: Any) -> Any:
+        """The mean loss of model(x, y) over the batch, forward only (no graph, no .grad touched), as a 0-d
+        array without a sync. For evaluation, in eval mode: then it draws nothing from the host generator."""
+        return self._run(x, y, 1.0, backward=False)
+
+    def _run(self, x: Any, y: Any, grad_scale: float, backward: bool) -> Any:
         xh = np.ascontiguousarray(backend.to_numpy(getattr(x, "data", x)), dtype=np.int64)
         yh = np.ascontiguousarray(backend.to_numpy(getattr(y, "data", y)), dtype=np.int64)
         if xh.ndim != 2 or xh.shape != yh.shape:
-            raise ValueError(f"forward_backward needs x and y of one (B, T) shape, got {xh.shape} and {yh.shape}")
+            raise ValueError(f"DataParallel needs x and y of one (B, T) shape, got {xh.shape} and {yh.shape}")
         B = xh.shape[0]
         parts = min(self.workers, B) if self._procs else 1
         edges = [B * r // parts for r in range(parts + 1)]
         if parts == 1:
-            return _slice_backward(self.model, xh, yh, grad_scale)
+            return _slice_backward(self.model, xh, yh, grad_scale) if backward else _slice_loss(self.model, xh, yh)
 
         for p, view in zip(self.params, self._shared):
             if p.data is not view:                  # replaced since the last step: share it again
@@ -197,20 +208,25 @@ class DataParallel:
         rng = backend.host_rng()
         for r in range(1, parts):
             lo, hi = edges[r], edges[r + 1]
-            head = _HEADER.pack(self.model.training, int(rng.integers(2 ** 62)), grad_scale * (hi - lo) / B,
-                                hi - lo, xh.shape[1])
+            seed = int(rng.integers(2 ** 62)) if backward else 0     # dropout masks; evaluation needs none
+            head = _HEADER.pack(self.model.training, backward, seed, grad_scale * (hi - lo) / B, hi - lo,
+                                xh.shape[1])
             self._conns[r - 1].send_bytes(head + xh[lo:hi].tobytes() + yh[lo:hi].tobytes())
         old_threads = cpu_kernels.set_num_threads(1)
         try:
             with self._blas:
-                loss = _slice_backward(self.model, xh[:edges[1]], yh[:edges[1]],
-                                       grad_scale * edges[1] / B)
+                if backward:
+                    loss = _slice_backward(self.model, xh[:edges[1]], yh[:edges[1]], grad_scale * edges[1] / B)
+                else:
+                    loss = _slice_loss(self.model, xh[:edges[1]], yh[:edges[1]])
         finally:
             cpu_kernels.set_num_threads(old_threads)
             replies = [self._receive(r) for r in range(1, parts)]
         total = loss * (edges[1] / B)
         for r, slice_loss in enumerate(replies, start=1):
             total = total + slice_loss * ((edges[r + 1] - edges[r]) / B)
+            if not backward:
+                continue
             for p, g in zip(self.params, self._grads[r - 1]):      # g: already scaled by the worker
                 if p.requires_grad:
                     if p.grad is None:
@@ -237,9 +253,16 @@ def _slice_backward(model: Any, x: np.ndarray, y: np.ndarray, scale: float) -> A
     return loss.data
 
 
+def _slice_loss(model: Any, x: np.ndarray, y: np.ndarray) -> Any:
+    """Mean loss of model(x, y) as a 0-d array, forward only."""
+    with tinygpt.no_grad():
+        _, loss = model(tinygpt.tensor(x), tinygpt.tensor(y))
+    return loss.data
+
+
 def _worker_loop(model: Any, params: list, grads: list, conn: Any) -> None:
-    """A worker's life: wait for a slice, write its gradient into `grads`, reply with its loss; an empty
-    message (or the main process going away) ends it."""
+    """A worker's life: wait for a slice, write its gradient into `grads` (unless the message asks for the
+    loss alone), reply with its loss; an empty message (or the main process going away) ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the main process's: it saves, then closes us
     cpu_kernels.set_num_threads(1)
     _BlasLimit().__enter__()                        # for the rest of this process
@@ -251,19 +274,22 @@ def _worker_loop(model: Any, params: list, grads: list, conn: Any) -> None:
         if not msg:
             return
         try:
-            training, seed, scale, rows, cols = _HEADER.unpack_from(msg)
+            training, backward, seed, scale, rows, cols = _HEADER.unpack_from(msg)
             ids = np.frombuffer(msg, dtype=np.int64, offset=_HEADER.size).reshape(2, rows, cols).copy()
             model.train(bool(training))
-            backend.manual_seed(seed)               # this step's dropout masks
-            for p in params:
-                p.grad = None
-            loss = _slice_backward(model, ids[0], ids[1], scale)             # (n_r / B) · grad_scale · ∇L_r
-            for p, g in zip(params, grads):
-                if p.grad is None:
-                    g.fill(0)
-                else:
-                    np.copyto(g, p.grad)
-                p.grad = None
+            if backward:
+                backend.manual_seed(seed)           # this step's dropout masks
+                for p in params:
+                    p.grad = None
+                loss = _slice_backward(model, ids[0], ids[1], scale)         # (n_r / B) · grad_scale · ∇L_r
+                for p, g in zip(params, grads):
+                    if p.grad is None:
+                        g.fill(0)
+                    else:
+                        np.copyto(g, p.grad)
+                    p.grad = None
+            else:                                   # evaluation: the loss alone
+                loss = _slice_loss(model, ids[0], ids[1])
             reply = _REPLY.pack(float(loss))
         except Exception as e:                      # report, and stay alive for the main process's error
             reply = f"{type(e).__name__}: {' '.join(str(e).split())}".encode()

@@ -80,8 +80,10 @@ def prepare_data(s: RunSettings, tokenizer: tokenizers.Tokenizer | None = None):
 
 
 def estimate_loss(model, splits: dict[str, np.ndarray], eval_iters: int, batch_size: int, block_size: int,
-                  seed: int, it: int, device: Any = None, should_stop=None) -> dict[str, float]:
-    """Mean loss over eval_iters batches per split, in eval mode under no_grad.
+                  seed: int, it: int, device: Any = None, should_stop=None,
+                  parallel: DataParallel | None = None) -> dict[str, float]:
+    """Mean loss over eval_iters batches per split, in eval mode under no_grad (each batch's rows shared
+    among the processes of `parallel`, a DataParallel wrapping `model`, when given).
 
     The batches come from np.random.default_rng([seed, it, split index]): the same at a given iteration in
     every run, and independent of the training generators, so evaluating changes nothing about training.
@@ -99,8 +101,11 @@ def estimate_loss(model, splits: dict[str, np.ndarray], eval_iters: int, batch_s
                     if should_stop is not None and should_stop():
                         raise _Stop()
                     x, y = data.get_batch(ids, batch_size, block_size, rng, device)
-                    _, loss = model(x, y)
-                    total = loss.data if total is None else total + loss.data
+                    if parallel is not None:
+                        loss_data = parallel.loss(x, y)
+                    else:
+                        loss_data = model(x, y)[1].data
+                    total = loss_data if total is None else total + loss_data
                 out[name] = float(backend.to_numpy(total)) / eval_iters
     finally:
         model.train(was_training)
@@ -211,7 +216,8 @@ class Trainer:
     def evaluate(self, should_stop=None) -> dict[str, float]:
         s = self.settings
         return estimate_loss(self.model, {"train": self.train_ids, "val": self.val_ids}, s.eval_iters,
-                             s.batch_size, s.block_size, s.seed, self.iter, self.device, should_stop)
+                             s.batch_size, s.block_size, s.seed, self.iter, self.device, should_stop,
+                             self._parallel)
 
     def train_step(self) -> Any:
         """One optimizer step at self.iter; returns the mean micro-batch loss as a device scalar (no sync)."""
