@@ -16,7 +16,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import tinygpt  # noqa: E402
-from tinygpt import checkpoint, data, models, optim  # noqa: E402
+from tinygpt import checkpoint, data, models, optim, presets  # noqa: E402
 from tinygpt.sample import sample_text  # noqa: E402
 from tinygpt.tokenizers import CharTokenizer  # noqa: E402
 
@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda")
     p.add_argument("--save", default=None, help="write a checkpoint here (e.g. out/ckpt.safetensors)")
     args = p.parse_args(argv)
-    hp = models.get_preset(args.preset)           # block_size, batch_size, lr, schedule, model shape ...
+    hp = presets.get_preset(args.preset)          # block_size, batch_size, lr, schedule, model shape ...
     max_iters = hp.max_iters if args.max_iters is None else args.max_iters
     device = tinygpt.get_device(args.device)
     tinygpt.manual_seed(1337)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import tinygpt
-from tinygpt import models, nn, optim
+from tinygpt import models, optim, presets
 from tinygpt.models import GPT, BigramLanguageModel, ConfigError, GPTConfig, sample_next
 
 from conftest import torch_or_skip
@@ -66,7 +66,7 @@ def test_bigram_generate_ignores_all_but_last_token():
 # ---- GPT structure -------------------------------------------------------------------------------------
 
 def test_video_preset_has_exactly_10788929_parameters():
-    p = models.get_preset("video")
+    p = presets.get_preset("video")
     cfg = p.model_config(65)
     m = models.model_from_config(cfg)
     assert m.num_parameters() == 10_788_929
@@ -144,7 +144,7 @@ def test_init_statistics():
 
 
 def test_step0_loss_of_cpu_preset_is_near_ln_vocab():
-    m = models.model_from_config(models.get_preset("cpu").model_config(65))
+    m = models.model_from_config(presets.get_preset("cpu").model_config(65))
     x, y = batch(65, B=12, T=64, seed=1)
     _, loss = m(x, y)
     assert abs(loss.item() - math.log(65)) < 0.1
@@ -156,7 +156,7 @@ def test_bad_configs_raise_config_error():
     with pytest.raises(ConfigError, match="activation"):
         GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=4, n_embd=32, activation="swish")
     with pytest.raises(ConfigError, match="bigram, cpu, video"):
-        models.get_preset("gpt5")
+        presets.get_preset("gpt5")
 
 
 def test_forward_rejects_context_longer_than_block():

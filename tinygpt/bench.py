@@ -29,7 +29,8 @@ import numpy as np
 
 import tinygpt
 from tinygpt import backend, optim
-from tinygpt.models import GPT, GPTConfig, get_preset
+from tinygpt.models import GPT, GPTConfig
+from tinygpt.presets import get_preset
 from tinygpt.parallel import DataParallel
 
 

@@ -38,7 +38,7 @@ def _bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tinygpt.models import PRESETS
+    from tinygpt.presets import PRESETS
 
     p = _Parser(prog="tinygpt", description="Train and sample a GPT with a hand-written autograd engine.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

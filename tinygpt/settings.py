@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from tinygpt import checkpoint, data, models, optim
+from tinygpt import checkpoint, data, models, optim, presets
 from tinygpt.models import ConfigError
 
 __all__ = ["RunSettings", "make_schedule", "resumed_settings", "RESUMABLE"]
@@ -64,7 +64,7 @@ class RunSettings:
         The lecture's presets (bigram, video) use a constant lr; giving warmup_iters or lr_decay_iters turns
         on warmup + cosine decay to min_lr (default lr/10) at lr_decay_iters (default: the preset's max_iters).
         """
-        p = models.get_preset(preset)
+        p = presets.get_preset(preset)
         names = {f.name for f in fields(cls)}
         unknown = set(overrides) - names
         if unknown:
