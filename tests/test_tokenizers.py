@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinygpt import tokenizers
-from tinygpt.tokenizers import (SPLIT_PATTERN, BPETokenizer, CharTokenizer, TokenizerError,
-                                _merge)
+from tinygpt.tokenizers import SPLIT_PATTERN, BPETokenizer, CharTokenizer, TokenizerError
+from tinygpt.tokenizers.bpe import _merge
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 

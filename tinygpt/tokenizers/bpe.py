@@ -1,37 +1,12 @@
-"""Tokenizers: turn text into a list of integer ids and back again.
-
-A language model never sees characters, only integers in ``[0, vocab_size)``.
-A tokenizer is the (invertible) map between the two::
-
-    ids = tok.encode("hii there")     # list[int], one id per token
-    tok.decode(ids) == "hii there"    # exact round trip
-
-Two tokenizers live here:
-
-* :class:`CharTokenizer` -- one token per character; the vocabulary is the
-  sorted set of characters in the training text (65 symbols for Tiny
-  Shakespeare, ``"\\n"`` gets id 0). Tiny vocabulary, long sequences.
-* :class:`BPETokenizer` -- byte-level Byte Pair Encoding as in GPT-2 /
-  minbpe. It starts from the 256 possible bytes (so *any* Unicode text can be
-  encoded) and repeatedly fuses the most frequent adjacent pair into a new
-  token. Bigger vocabulary, shorter sequences.
-
-Both serialise to JSON (never pickle) with a ``"type"`` field, so
-:func:`load` / :func:`from_dict` can restore whichever one a file holds.
-"""
-
+"""Byte-level Byte Pair Encoding, as in GPT-2 / minbpe: training (incremental pair counts) and encoding."""
 from __future__ import annotations
 
-import hashlib
 import heapq
-import json
-import numbers
 import re
 from collections import Counter, defaultdict
-from pathlib import Path
 from typing import Iterable
 
-FORMAT_VERSION = 1
+from tinygpt.tokenizers.base import FORMAT_VERSION, Tokenizer, TokenizerError, _as_id_list, _check_ids
 
 #: Pre-tokenizer regex: the GPT-2 split pattern rewritten for the standard
 #: ``re`` module (no ``regex`` dependency, so no ``\p{L}``). Pieces, in order:
@@ -45,122 +20,6 @@ SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(
 
 _ENCODE_CACHE_LIMIT = 1_000_000  # max distinct chunks remembered by BPE.encode
 
-
-class TokenizerError(ValueError):
-    """Text, ids or a tokenizer file that a tokenizer cannot handle."""
-
-
-def _as_id_list(ids) -> list[int]:
-    """Accept a list/tuple of ints, a 1-D NumPy array or a Tensor-like object."""
-    if hasattr(ids, "tolist"):
-        ids = ids.tolist()
-    elif hasattr(ids, "numpy"):
-        ids = ids.numpy().tolist()
-    ids = list(ids)
-    if ids and not isinstance(ids[0], numbers.Integral):
-        raise TokenizerError(
-            f"decode expects a flat sequence of ints, got element {ids[0]!r} "
-            f"of type {type(ids[0]).__name__}; pass one row of ids at a time")
-    return ids
-
-
-def _check_ids(ids: list[int], vocab_size: int) -> None:
-    if ids and (min(ids) < 0 or max(ids) >= vocab_size):
-        bad = next(i for i in ids if not 0 <= i < vocab_size)
-        raise TokenizerError(
-            f"token id {bad} at position {ids.index(bad)} is outside the "
-            f"vocabulary [0, {vocab_size}); decode ids produced by this tokenizer")
-
-
-class Tokenizer:
-    """Shared JSON I/O and hashing. Subclasses define ``vocab_size`` (ids are
-    ``0 .. vocab_size - 1``), ``encode(str) -> list[int]``, ``decode(ids) -> str``
-    and ``to_dict() -> dict`` (plain JSON data, e.g. to embed in a checkpoint)."""
-
-    kind = "base"
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256 (hex) of the canonical JSON form; equal tokenizers share it."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode("ascii")).hexdigest()
-
-    def hash(self) -> str:
-        """Same as :attr:`fingerprint` (used to key caches of encoded ids)."""
-        return self.fingerprint
-
-    def save(self, path: str | Path) -> Path:
-        """Write the tokenizer as JSON to ``path`` and return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
-        """Read a tokenizer saved with :meth:`save`; it must be of this class."""
-        tok = load(path)
-        if cls is not Tokenizer and not isinstance(tok, cls):
-            raise TokenizerError(
-                f"{path} holds a {tok.kind!r} tokenizer, not {cls.kind!r}; "
-                f"use tinygpt.tokenizers.load(path) to accept any kind")
-        return tok
-
-
-# ---- Character-level tokenizer ---------------------------------------------
-
-class CharTokenizer(Tokenizer):
-    """One token per character. ``chars[i]`` is the character with id ``i``."""
-
-    kind = "char"
-
-    def __init__(self, chars: Iterable[str]):
-        self.chars = list(chars)
-        if any(not isinstance(c, str) or len(c) != 1 for c in self.chars):
-            raise TokenizerError("CharTokenizer vocabulary must be single characters")
-        if len(set(self.chars)) != len(self.chars):
-            raise TokenizerError("CharTokenizer vocabulary contains duplicate characters")
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
-
-    @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        """Vocabulary = sorted set of characters in ``text`` (must be non-empty)."""
-        if not text:
-            raise TokenizerError("cannot build a CharTokenizer from empty text; "
-                                 "pass the training corpus")
-        return cls(sorted(set(text)))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.chars)
-
-    def encode(self, text: str) -> list[int]:
-        """``str`` of length L -> list of L ids."""
-        stoi = self.stoi
-        try:
-            return [stoi[c] for c in text]
-        except KeyError:
-            pos = next(i for i, c in enumerate(text) if c not in stoi)
-            raise TokenizerError(
-                f"character {text[pos]!r} (U+{ord(text[pos]):04X}) at position {pos} "
-                f"is not in the {self.vocab_size}-symbol vocabulary; build the "
-                f"tokenizer from text that contains it or remove it") from None
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """List of ids -> ``str`` (one character per id)."""
-        ids = _as_id_list(ids)
-        _check_ids(ids, self.vocab_size)
-        chars = self.chars
-        return "".join([chars[i] for i in ids])
-
-    def to_dict(self) -> dict:
-        return {"type": "char", "version": FORMAT_VERSION, "chars": self.chars}
-
-    def __repr__(self) -> str:
-        return f"CharTokenizer(vocab_size={self.vocab_size})"
-
-
-# ---- Byte-level BPE tokenizer ----------------------------------------------
 
 def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     """Replace every non-overlapping occurrence of ``pair`` in ``ids`` (left
@@ -388,46 +247,3 @@ class BPETokenizer(Tokenizer):
     def __repr__(self) -> str:
         return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
                 f"special_tokens={self.special_tokens!r})")
-
-
-# ---- Restoring a tokenizer of any kind -------------------------------------
-
-def from_dict(d: dict) -> Tokenizer:
-    """Inverse of ``tokenizer.to_dict()``; dispatches on ``d["type"]``."""
-    if not isinstance(d, dict) or "type" not in d:
-        raise TokenizerError(f"a tokenizer description must be a dict with a 'type' "
-                             f"field ('char' or 'bpe'), got {type(d).__name__}")
-    version = d.get("version")
-    if version != FORMAT_VERSION:
-        raise TokenizerError(f"unsupported tokenizer format version {version!r}; this "
-                             f"tinygpt reads version {FORMAT_VERSION}")
-    try:
-        if d["type"] == "char":
-            return CharTokenizer(d["chars"])
-        if d["type"] == "bpe":
-            return BPETokenizer(d["merges"], d.get("special_tokens", ()),
-                                d.get("pattern", SPLIT_PATTERN))
-    except TokenizerError:
-        raise
-    except (KeyError, TypeError, ValueError) as e:
-        raise TokenizerError(f"malformed {d['type']!r} tokenizer description "
-                             f"({type(e).__name__}: {e})") from None
-    raise TokenizerError(f"unknown tokenizer type {d['type']!r}; expected 'char' or 'bpe'")
-
-
-def load(path: str | Path) -> Tokenizer:
-    """Read a tokenizer JSON file written by ``save`` (char or BPE)."""
-    path = Path(path)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TokenizerError(f"tokenizer file {path} does not exist; train one and "
-                             f"save it first") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"cannot read tokenizer file {path}: {e}") from None
-    try:
-        d = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"tokenizer file {path} is not valid JSON (line {e.lineno}, "
-                             f"column {e.colno}: {e.msg})") from None
-    return from_dict(d)
