@@ -202,6 +202,18 @@ def test_attention_matches_reference_in_float32(device, rng):
     assert_allclose(out.numpy(), np_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("Tq,Tk", [(33, 33), (40, 70), (1, 70), (8, 130)])
+def test_attention_on_both_transpose_paths(Tq, Tk, device, rng):
+    """On the CPU kᵀ and vᵀ are copied contiguous for 32+ queries against up to 128 keys and used as views
+    otherwise (ops/attention.py _transposed): both must give the float32 reference and pass gradcheck."""
+    q = rng.standard_normal((1, 2, Tq, 3))
+    k, v = (rng.standard_normal((1, 2, Tk, 3)) for _ in range(2))
+    out = F.scaled_dot_product_attention(*(_t(a, device) for a in (q, k, v)))
+    assert_allclose(out.numpy(), np_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert tinygpt.gradcheck(lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+                             make_tensors([q, k, v], device), mode="random", n_directions=6)
+
+
 def test_layer_norm_normalizes(device, rng):
     x = _t(rng.standard_normal((4, 16)) * 5 + 3, device)
     y = F.layer_norm(x, _t(np.ones(16), device), _t(np.zeros(16), device)).numpy()
