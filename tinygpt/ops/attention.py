@@ -56,6 +56,7 @@ class ScaledDotProductAttention(Function):
     def forward(ctx, q, k, v, causal=True, dropout_p=0.0, scale=None):
         xp = ctx.xp
         Tq, Tk = q.shape[-2], k.shape[-2]
+        causal = causal and Tq > 1        # one query (KV-cached decoding) is the newest position: sees every key
         scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
         s = q @ _transposed(ctx, k, Tq)                           # (B, H, Tq, Tk)
         if ctx.device.name == "cpu":                              # blocked, threaded, in place
