@@ -196,6 +196,15 @@ def test_kv_cache_attention_is_the_last_rows_of_full_causal_attention(device, rn
     assert_allclose(full[:, :, 0], v[:, :, 0], rtol=1e-5, atol=1e-6)
 
 
+def test_attention_mask_cache_stays_small(rng):
+    from tinygpt.ops import attention
+    for T in range(2, 40):                  # uncached generation: a new length every token
+        q = tinygpt.tensor(rng.standard_normal((1, 1, T, 2)).astype(np.float32))
+        F.scaled_dot_product_attention(q, q, q)
+    assert len(attention._additive_masks) <= attention._MAX_MASKS
+    assert (39, 39, np.dtype(np.float32)) in attention._additive_masks
+
+
 def test_attention_matches_reference_in_float32(device, rng):
     q, k, v = (rng.standard_normal((2, 2, 5, 8)) for _ in range(3))
     out = F.scaled_dot_product_attention(*(_t(a, device) for a in (q, k, v)))

@@ -28,12 +28,15 @@ def causal_mask(xp, Tq: int, Tk: int):
 
 
 _additive_masks: dict = {}
+_MAX_MASKS = 8          # training needs one shape; uncached generation would otherwise keep one per length
 
 
 def _additive_causal_mask(Tq: int, Tk: int, dtype):
     """(Tq, Tk) NumPy array of 0 (may see) and -inf (may not), cached: adding it is one pass."""
     key = (Tq, Tk, dtype)
     if key not in _additive_masks:
+        if len(_additive_masks) >= _MAX_MASKS:
+            _additive_masks.pop(next(iter(_additive_masks)))       # the oldest
         m = causal_mask(np, Tq, Tk)
         _additive_masks[key] = np.where(m, -np.inf, 0).astype(dtype)
     return _additive_masks[key]
