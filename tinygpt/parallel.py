@@ -29,6 +29,7 @@ that differs by rounding.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import multiprocessing
 import signal
@@ -183,14 +184,15 @@ class DataParallel:
     def forward_backward(self, x: Any, y: Any, grad_scale: float = 1.0) -> Any:
         """Add grad_scale · ∇(mean loss of model(x, y)) to every parameter's .grad; return that mean loss
         (times 1, not grad_scale) as a 0-d array, without a sync. x, y: (B, T) integer Tensors or arrays."""
-        return self._run(x, y, grad_scale, backward=True)
+        return self._run(x, y, grad_scale)
 
     def loss(self, x: Any, y: Any) -> Any:
         """The mean loss of model(x, y) over the batch, forward only (no graph, no .grad touched), as a 0-d
         array without a sync. For evaluation, in eval mode: then it draws nothing from the host generator."""
-        return self._run(x, y, 1.0, backward=False)
+        return self._run(x, y, None)
 
-    def _run(self, x: Any, y: Any, grad_scale: float, backward: bool) -> Any:
+    def _run(self, x: Any, y: Any, grad_scale: float | None) -> Any:
+        """forward_backward, or with grad_scale None the forward alone."""
         xh = np.ascontiguousarray(backend.to_numpy(getattr(x, "data", x)), dtype=np.int64)
         yh = np.ascontiguousarray(backend.to_numpy(getattr(y, "data", y)), dtype=np.int64)
         if xh.ndim != 2 or xh.shape != yh.shape:
@@ -198,8 +200,13 @@ class DataParallel:
         B = xh.shape[0]
         parts = min(self.workers, B) if self._procs else 1
         edges = [B * r // parts for r in range(parts + 1)]
+        backward = grad_scale is not None
+
+        def share(rows: int) -> float | None:       # a slice's weight in the batch's mean loss, for its gradient
+            return grad_scale * rows / B if backward else None
+
         if parts == 1:
-            return _slice_backward(self.model, xh, yh, grad_scale) if backward else _slice_loss(self.model, xh, yh)
+            return _slice(self.model, xh, yh, share(B))
 
         for p, view in zip(self.params, self._shared):
             if p.data is not view:                  # replaced since the last step: share it again
@@ -209,16 +216,12 @@ class DataParallel:
         for r in range(1, parts):
             lo, hi = edges[r], edges[r + 1]
             seed = int(rng.integers(2 ** 62)) if backward else 0     # dropout masks; evaluation needs none
-            head = _HEADER.pack(self.model.training, backward, seed, grad_scale * (hi - lo) / B, hi - lo,
-                                xh.shape[1])
+            head = _HEADER.pack(self.model.training, backward, seed, share(hi - lo) or 0.0, hi - lo, xh.shape[1])
             self._conns[r - 1].send_bytes(head + xh[lo:hi].tobytes() + yh[lo:hi].tobytes())
         old_threads = cpu_kernels.set_num_threads(1)
         try:
             with self._blas:
-                if backward:
-                    loss = _slice_backward(self.model, xh[:edges[1]], yh[:edges[1]], grad_scale * edges[1] / B)
-                else:
-                    loss = _slice_loss(self.model, xh[:edges[1]], yh[:edges[1]])
+                loss = _slice(self.model, xh[:edges[1]], yh[:edges[1]], share(edges[1]))
         finally:
             cpu_kernels.set_num_threads(old_threads)
             replies = [self._receive(r) for r in range(1, parts)]
@@ -246,17 +249,13 @@ class DataParallel:
         return _REPLY.unpack(msg)[0]
 
 
-def _slice_backward(model: Any, x: np.ndarray, y: np.ndarray, scale: float) -> Any:
-    """Mean loss of model(x, y) as a 0-d array; adds scale · its gradient into the parameters' .grad."""
-    _, loss = model(tinygpt.tensor(x), tinygpt.tensor(y))
-    loss.backward(np.full(loss.shape, scale, dtype=loss.dtype))
-    return loss.data
-
-
-def _slice_loss(model: Any, x: np.ndarray, y: np.ndarray) -> Any:
-    """Mean loss of model(x, y) as a 0-d array, forward only."""
-    with tinygpt.no_grad():
+def _slice(model: Any, x: np.ndarray, y: np.ndarray, scale: float | None) -> Any:
+    """Mean loss of model(x, y) as a 0-d array; adds scale · its gradient into the parameters' .grad, or,
+    with scale None, runs the forward alone (no graph)."""
+    with tinygpt.no_grad() if scale is None else contextlib.nullcontext():
         _, loss = model(tinygpt.tensor(x), tinygpt.tensor(y))
+    if scale is not None:
+        loss.backward(np.full(loss.shape, scale, dtype=loss.dtype))
     return loss.data
 
 
@@ -281,7 +280,7 @@ def _worker_loop(model: Any, params: list, grads: list, conn: Any) -> None:
                 backend.manual_seed(seed)           # this step's dropout masks
                 for p in params:
                     p.grad = None
-                loss = _slice_backward(model, ids[0], ids[1], scale)         # (n_r / B) · grad_scale · ∇L_r
+                loss = _slice(model, ids[0], ids[1], scale)                  # (n_r / B) · grad_scale · ∇L_r
                 for p, g in zip(params, grads):
                     if p.grad is None:
                         g.fill(0)
@@ -289,7 +288,7 @@ def _worker_loop(model: Any, params: list, grads: list, conn: Any) -> None:
                         np.copyto(g, p.grad)
                     p.grad = None
             else:                                   # evaluation: the loss alone
-                loss = _slice_loss(model, ids[0], ids[1])
+                loss = _slice(model, ids[0], ids[1], None)
             reply = _REPLY.pack(float(loss))
         except Exception as e:                      # report, and stay alive for the main process's error
             reply = f"{type(e).__name__}: {' '.join(str(e).split())}".encode()
