@@ -9,6 +9,7 @@ from tinygpt import models, optim, presets
 from tinygpt.models import GPT, BigramLanguageModel, ConfigError, GPTConfig, sample_next
 
 from conftest import torch_or_skip
+from nanogpt_torch import torch_gpt
 
 TINY = dict(vocab_size=23, block_size=16, n_layer=2, n_head=4, n_embd=32)
 
@@ -176,75 +177,6 @@ def test_dropout_only_in_training_mode():
 
 # ---- parity with a PyTorch nanoGPT ----------------------------------------------------------------------
 
-def torch_gpt(torch, cfg: GPTConfig):
-    """nanoGPT's model.py, condensed: the independent reference."""
-    tnn, tF = torch.nn, torch.nn.functional
-
-    class LayerNorm(tnn.Module):
-        def __init__(self, n, bias):
-            super().__init__()
-            self.weight = tnn.Parameter(torch.ones(n))
-            self.bias = tnn.Parameter(torch.zeros(n)) if bias else None
-
-        def forward(self, x):
-            return tF.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-    class Attn(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c_attn = tnn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.attn_bias)
-            self.c_proj = tnn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-
-        def forward(self, x):
-            B, T, C = x.shape
-            q, k, v = self.c_attn(x).split(C, dim=2)
-            q, k, v = (t.view(B, T, cfg.n_head, C // cfg.n_head).transpose(1, 2) for t in (q, k, v))
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-            y = tF.softmax(att, dim=-1) @ v
-            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-    class MLP(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c_fc = tnn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-            self.act = tnn.GELU() if cfg.activation == "gelu" else tnn.ReLU()
-            self.c_proj = tnn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-
-        def forward(self, x):
-            return self.c_proj(self.act(self.c_fc(x)))
-
-    class Block(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln_1, self.attn = LayerNorm(cfg.n_embd, cfg.bias), Attn()
-            self.ln_2, self.mlp = LayerNorm(cfg.n_embd, cfg.bias), MLP()
-
-        def forward(self, x):
-            x = x + self.attn(self.ln_1(x))
-            return x + self.mlp(self.ln_2(x))
-
-    class TorchGPT(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.transformer = tnn.ModuleDict(dict(
-                wte=tnn.Embedding(cfg.vocab_size, cfg.n_embd), wpe=tnn.Embedding(cfg.block_size, cfg.n_embd),
-                h=tnn.ModuleList([Block() for _ in range(cfg.n_layer)]), ln_f=LayerNorm(cfg.n_embd, cfg.bias)))
-            self.lm_head = tnn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.bias and not cfg.tie_weights)
-            if cfg.tie_weights:
-                self.transformer.wte.weight = self.lm_head.weight
-
-        def forward(self, idx, targets):
-            T = idx.shape[1]
-            x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T))
-            for block in self.transformer.h:
-                x = block(x)
-            logits = self.lm_head(self.transformer.ln_f(x))
-            return logits, tF.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-
-    return TorchGPT()
-
-
 PARITY_CONFIGS = {
     "nanogpt-cpu": dict(bias=False, activation="gelu", tie_weights=True),
     "lecture-video": dict(bias=True, qkv_bias=False, activation="relu", tie_weights=False),
@@ -256,12 +188,12 @@ def _to_torch(torch, sd):
     return {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
 
 
-@pytest.mark.parametrize("name", list(PARITY_CONFIGS))
-def test_logits_loss_and_every_gradient_match_pytorch(name):
+@pytest.mark.parametrize("name, sdpa", [(name, False) for name in PARITY_CONFIGS] + [("nanogpt-cpu", True)])
+def test_logits_loss_and_every_gradient_match_pytorch(name, sdpa):
     torch = torch_or_skip()
     cfg = GPTConfig(**TINY, **PARITY_CONFIGS[name])
     ours = GPT(cfg)
-    ref = torch_gpt(torch, cfg)
+    ref = torch_gpt(torch, cfg, sdpa=sdpa)
     ref.load_state_dict(_to_torch(torch, ours.state_dict()), strict=True)
     x, y = batch()
     logits, loss = ours(x, y)
