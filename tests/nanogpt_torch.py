@@ -11,8 +11,8 @@ script that re-runs nanoGPT's README CPU run with torch's own random streams.
 --dropout=0.0 --eval_iters=20): torch.manual_seed(seed); the modules built in model.py's order, then
 _init_weights; training batches from torch.randint, interleaved with the evaluation's; SDPA attention; AdamW
 (betas 0.9/0.99, decay 0.1 on tensors with dim >= 2); clipping at 1.0; warmup 100 then cosine to 1e-4. On
-PyTorch 2.13 (CPU, one thread) seed 1337 prints the log nanoGPT's users publish for this command, down to its
-last line (step 2000: train loss 1.7648, val loss 1.8857).
+PyTorch 2.13 (CPU, one thread) seed 1337 ends on the line nanoGPT's users publish for this command:
+"step 2000: train loss 1.7648, val loss 1.8857".
 
 `evaluate` scores weights (a .npz with nanoGPT names from `train`, or a tinygpt out_dir's ckpt_last) with
 tinygpt's forward on the same N batches per split for every run (default 200, default_rng([424242, 0, split]))
@@ -121,21 +121,28 @@ def init_like_nanogpt(torch, model, n_layer: int) -> None:
 
 
 def shakespeare_ids():
-    """data/shakespeare_char/prepare.py: sorted characters as the vocabulary, first 90% train, the rest val."""
+    """data/shakespeare_char/prepare.py: sorted characters as the vocabulary, first 90% train, the rest val.
+    Returns (vocabulary, train ids, val ids)."""
     from conftest import SHAKESPEARE
+    if not SHAKESPEARE.is_file():
+        raise SystemExit(f"nanogpt_torch: Tiny Shakespeare not found at {SHAKESPEARE}")
     text = SHAKESPEARE.read_text(encoding="utf-8")
-    stoi = {c: i for i, c in enumerate(sorted(set(text)))}
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
     ids = np.array([stoi[c] for c in text], dtype=np.uint16)
     n = int(len(ids) * 0.9)
-    return ids[:n], ids[n:]
+    return "".join(chars), ids[:n], ids[n:]
 
 
 def train(seed: int, save: str | None, threads: int) -> None:
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("nanogpt_torch: train needs PyTorch (pip install torch)") from None
     torch.set_num_threads(threads)
     cfg, max_iters, eval_interval, eval_iters, batch_size = CPU_RUN, 2000, 250, 20, 12
     lr, min_lr, warmup, decay_iters = 1e-3, 1e-4, 100, 2000
-    splits = dict(zip(("train", "val"), shakespeare_ids()))
+    splits = dict(zip(("train", "val"), shakespeare_ids()[1:]))
     torch.manual_seed(seed)
     model = torch_gpt(torch, cfg, sdpa=True)
     init_like_nanogpt(torch, model, cfg.n_layer)
@@ -164,9 +171,9 @@ def train(seed: int, save: str | None, threads: int) -> None:
         if it % eval_interval == 0:
             model.eval()
             with torch.no_grad():
-                loss = {s: np.mean([model(*get_batch(s))[1].item() for _ in range(eval_iters)]) for s in splits}
+                mean = {s: np.mean([model(*get_batch(s))[1].item() for _ in range(eval_iters)]) for s in splits}
             model.train()
-            print(f"step {it}: train loss {loss['train']:.4f}, val loss {loss['val']:.4f}", flush=True)
+            print(f"step {it}: train loss {mean['train']:.4f}, val loss {mean['val']:.4f}", flush=True)
         if it == max_iters:          # nanoGPT takes one more step before it stops; no evaluation sees it
             break
         _, loss = model(x, y)
@@ -183,13 +190,16 @@ def evaluate(paths: list[str], n: int) -> None:
     import tinygpt
     from tinygpt import checkpoint, data
     from tinygpt.models import GPT
-    splits = dict(zip(("train", "val"), shakespeare_ids()))
+    chars, *ids = shakespeare_ids()
+    splits = dict(zip(("train", "val"), ids))
     for path in paths:
         if path.endswith(".npz"):
             model = GPT(CPU_RUN)
             model.load_state_dict(dict(np.load(path)), strict=True)
         else:
-            model = checkpoint.load_model(path, prefer="last")[0]
+            model, tokenizer, _ = checkpoint.load_model(path, prefer="last")
+            if tokenizer.encode(chars) != list(range(len(chars))):
+                raise SystemExit(f"{path}: its tokenizer does not number the characters as prepare.py does")
         model.eval()
         out = [path]
         with tinygpt.no_grad():
@@ -212,7 +222,10 @@ def main(argv=None) -> None:
     e.add_argument("paths", nargs="+")
     e.add_argument("--batches", type=int, default=200)
     a = p.parse_args(argv)
-    train(a.seed, a.save, a.threads) if a.cmd == "train" else evaluate(a.paths, a.batches)
+    try:
+        train(a.seed, a.save, a.threads) if a.cmd == "train" else evaluate(a.paths, a.batches)
+    except (OSError, ValueError) as e:                  # CheckpointError is a ValueError
+        raise SystemExit(f"nanogpt_torch: {e}") from None
 
 
 if __name__ == "__main__":
