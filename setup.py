@@ -8,6 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["tinygpt", "tinygpt.*"]),
+    package_data={"tinygpt": ["corpora/*.txt.gz"]},   # Tiny Shakespeare, for the offline default corpus
     install_requires=["numpy>=1.22", "safetensors>=0.4", "tqdm>=4.60", "threadpoolctl>=3.1"],
     extras_require={
         "cuda": ["cupy-cuda12x>=13"],

@@ -2,15 +2,17 @@
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tinygpt import backend, checkpoint
+from tinygpt import backend, checkpoint, data
 from tinygpt.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +23,7 @@ TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "8"
 @pytest.fixture(autouse=True)
 def _offline_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYGPT_CACHE", str(tmp_path / "cache"))
-    # a download that fails at once, so the default corpus falls back to python-stdlib without a network
+    # --data shakespeare-download fails at once instead of reaching the network
     monkeypatch.setenv("TINYGPT_SHAKESPEARE_URL", (tmp_path / "no-such-file.txt").as_uri())
 
 
@@ -76,14 +78,33 @@ def test_resume_continues_and_train_output_format(trained, capsys):
     assert checkpoint.load(trained / checkpoint.LAST).iter == 9
 
 
-def test_default_train_works_offline(tmp_path, capsys, monkeypatch):
-    """`tinygpt train` with no data option: Tiny Shakespeare cannot be fetched, so python-stdlib is used."""
+def test_default_train_is_packaged_shakespeare_without_network(tmp_path, capsys, monkeypatch):
+    """`tinygpt train` with no data option trains on the Tiny Shakespeare shipped in the package."""
+    def no_network(*args, **kwargs):
+        raise AssertionError("tinygpt train touched the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--max-iters", "0", "--no-progress", "--eval-iters", "1"]) == 0
     captured = capsys.readouterr()
-    assert "python-stdlib" in captured.err.splitlines()[0]                  # the one-line notice
-    assert "preset cpu, corpus python-stdlib" in captured.out
+    assert captured.err == ""                                                # no fallback notice
+    assert "preset cpu, corpus shakespeare, char tokenizer (vocab 65)" in captured.out
     assert (tmp_path / "out" / checkpoint.LAST).is_file()
+    assert not (tmp_path / "cache" / "tinyshakespeare.txt").exists()         # nothing downloaded
+
+
+def test_shakespeare_download_option(tmp_path, capsys, monkeypatch):
+    one_line_error(capsys, main(["train", "--data", "shakespeare-download", "--out-dir", str(tmp_path / "a"),
+                                 *TINY]), "could not download Tiny Shakespeare")   # the URL is a missing file
+    source = tmp_path / "input.txt"
+    source.write_text(data.shakespeare_text(), encoding="utf-8")
+    monkeypatch.setenv("TINYGPT_SHAKESPEARE_URL", source.as_uri())
+    assert main(["train", "--data", "shakespeare-download", "--out-dir", str(tmp_path / "b"), "--max-iters", "0",
+                 *TINY]) == 0
+    assert "corpus shakespeare-download, char tokenizer (vocab 65)" in capsys.readouterr().out
+    assert (tmp_path / "cache" / "tinyshakespeare.txt").read_bytes() == source.read_bytes()
 
 
 def test_bad_data_inputs(tmp_path, corpus, capsys, monkeypatch):

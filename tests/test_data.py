@@ -1,11 +1,13 @@
 """Tests for tinygpt.data: corpora, downloads (local only), id caches, batches."""
 
 import functools
+import gzip
+import hashlib
 import http.server
 import shutil
 import socket
 import threading
-from pathlib import Path
+import urllib.request
 
 import numpy as np
 import pytest
@@ -16,14 +18,22 @@ from tinygpt.data import (DataError, encode_cached, get_batch, load_text, resolv
                           train_val_split)
 from tinygpt.tokenizers import BPETokenizer, CharTokenizer
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 UNREACHABLE = "http://127.0.0.1:9/input.txt"  # discard port: connection refused at once
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # the published file's
 
 
-def _need_shakespeare() -> Path:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE}")
-    return SHAKESPEARE
+@pytest.fixture(scope="module")
+def shakespeare_bytes():
+    """The packaged corpus as UTF-8 bytes (checked against the published sha256 below)."""
+    return data.shakespeare_text().encode("utf-8")
+
+
+@pytest.fixture
+def shakespeare_file(tmp_path, shakespeare_bytes):
+    """A local copy of Tiny Shakespeare for the download tests (file:// or a local HTTP server)."""
+    path = tmp_path / "input.txt"
+    path.write_bytes(shakespeare_bytes)
+    return path
 
 
 @pytest.fixture(autouse=True)
@@ -92,31 +102,84 @@ def test_load_folder_sorted_recursive(tmp_path):
 
 # ---------------------------------------------------------------- shakespeare --
 
-def test_shakespeare_from_preseeded_cache(isolated_cache):
-    src = _need_shakespeare()
-    isolated_cache.mkdir()
-    shutil.copy(src, isolated_cache / data.SHAKESPEARE_FILENAME)
-    text = load_text("shakespeare")  # the URL is unreachable: must not download
-    assert len(text) == 1115394 and text.startswith("First Citizen:")
-    assert resolve_source(None) == "shakespeare" == data.default_corpus()
+def test_packaged_shakespeare_is_the_published_text():
+    text = data.shakespeare_text()
+    assert len(text) == 1_115_394 and len(set(text)) == 65
+    assert hashlib.sha256(text.encode("utf-8")).hexdigest() == SHAKESPEARE_SHA256
+    assert text.startswith("First Citizen:\nBefore we proceed any further")
+    assert load_text("shakespeare") == text == load_text()
 
 
-def test_download_from_file_url(isolated_cache):
-    src = _need_shakespeare()
-    path = data.download_shakespeare(src.as_uri())
+def test_packaged_gzip_is_deterministic():
+    raw = data.SHAKESPEARE_PACKAGED.read_bytes()
+    assert raw[:4] == b"\x1f\x8b\x08\x00"         # gzip, deflate, no flags: no file name stored
+    assert raw[4:8] == b"\x00\x00\x00\x00"         # mtime 0: rebuilding gives the same bytes
+    assert raw[8] == 2                                # xfl 2: compression level 9
+    assert 400_000 < len(raw) < 460_000
+
+
+def _packaged_copy(tmp_path, monkeypatch, raw: bytes):
+    path = tmp_path / "tinyshakespeare.txt.gz"
+    path.write_bytes(raw)
+    monkeypatch.setattr(data, "SHAKESPEARE_PACKAGED", path)
+
+
+def test_flipped_byte_in_packaged_file_is_a_data_error(tmp_path, monkeypatch):
+    raw = bytearray(data.SHAKESPEARE_PACKAGED.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    _packaged_copy(tmp_path, monkeypatch, bytes(raw))
+    with pytest.raises(DataError, match="packaged Tiny Shakespeare .* cannot be read.*reinstall"):
+        load_text("shakespeare")
+
+
+def test_packaged_file_with_other_text_fails_the_sha256(tmp_path, monkeypatch, shakespeare_bytes):
+    # a valid gzip (its CRC is fine) of a text with one character changed: only the sha256 can tell
+    changed = shakespeare_bytes.replace(b"First Citizen", b"First Citizem", 1)
+    _packaged_copy(tmp_path, monkeypatch, gzip.compress(changed, mtime=0))
+    with pytest.raises(DataError, match=r"is damaged: sha256 [0-9a-f]{16}\.\.\., expected 86c4e6aa"):
+        data.shakespeare_text()
+
+
+def test_missing_or_truncated_packaged_file_is_a_data_error(tmp_path, monkeypatch):
+    raw = data.SHAKESPEARE_PACKAGED.read_bytes()
+    _packaged_copy(tmp_path, monkeypatch, raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="cannot be read.*EOFError"):
+        data.shakespeare_text()
+    monkeypatch.setattr(data, "SHAKESPEARE_PACKAGED", tmp_path / "nowhere.txt.gz")
+    with pytest.raises(DataError, match="cannot be read.*FileNotFoundError"):
+        data.shakespeare_text()
+
+
+def test_default_corpus_needs_no_network_and_writes_nothing(isolated_cache, monkeypatch, capsys):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the default corpus touched the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    assert resolve_source(None) == "shakespeare"
+    text = load_text()
+    assert hashlib.sha256(text.encode("utf-8")).hexdigest() == SHAKESPEARE_SHA256
+    assert capsys.readouterr().err == ""                  # no fallback notice
+    assert not isolated_cache.exists()                     # no download, no cache
+
+
+def test_download_from_file_url(isolated_cache, shakespeare_file):
+    path = data.download_shakespeare(shakespeare_file.as_uri())
     assert path == isolated_cache / data.SHAKESPEARE_FILENAME
-    assert path.read_bytes() == src.read_bytes()
+    assert path.read_bytes() == shakespeare_file.read_bytes()
     assert sorted(p.name for p in isolated_cache.iterdir()) == [data.SHAKESPEARE_FILENAME]
 
 
-def test_download_from_local_http_server(isolated_cache, http_dir, monkeypatch):
-    src = _need_shakespeare()
+def test_download_from_local_http_server(isolated_cache, http_dir, monkeypatch, shakespeare_file):
     root, base = http_dir
-    shutil.copy(src, root / "input.txt")
+    shutil.copy(shakespeare_file, root / "input.txt")
     monkeypatch.setenv("TINYGPT_SHAKESPEARE_URL", f"{base}/input.txt")
-    assert resolve_source(None) == "shakespeare"  # downloadable -> default corpus
-    assert load_text() == src.read_text(encoding="utf-8")
+    assert load_text("shakespeare-download") == shakespeare_file.read_text(encoding="utf-8")
     assert [p.name for p in isolated_cache.iterdir()] == [data.SHAKESPEARE_FILENAME]
+    monkeypatch.setenv("TINYGPT_SHAKESPEARE_URL", UNREACHABLE)     # cached now: no second download
+    assert data.cached_shakespeare() == isolated_cache / data.SHAKESPEARE_FILENAME
+    assert len(load_text("shakespeare-download")) == 1_115_394
 
 
 def test_mismatched_download_leaves_no_file(isolated_cache, http_dir):
@@ -132,7 +195,7 @@ def test_failed_download_leaves_no_file(isolated_cache, http_dir):
     with pytest.raises(DataError, match="could not download.*404"):
         data.download_shakespeare(f"{base}/missing.txt")
     with pytest.raises(DataError, match="could not download"):
-        data.download_shakespeare(UNREACHABLE)
+        load_text("shakespeare-download")                 # $TINYGPT_SHAKESPEARE_URL is unreachable
     assert list(isolated_cache.iterdir()) == []
 
 
@@ -146,23 +209,18 @@ def test_download_times_out(isolated_cache):
     assert list(isolated_cache.iterdir()) == []
 
 
-def test_corrupt_cache_is_replaced(isolated_cache):
-    src = _need_shakespeare()
+def test_corrupt_cache_is_replaced(isolated_cache, shakespeare_file):
     isolated_cache.mkdir()
     (isolated_cache / data.SHAKESPEARE_FILENAME).write_text("truncated")
     assert data.cached_shakespeare() is None
-    path = data.download_shakespeare(src.as_uri())
-    assert path.read_bytes() == src.read_bytes()
+    path = data.download_shakespeare(shakespeare_file.as_uri())
+    assert path.read_bytes() == shakespeare_file.read_bytes()
 
 
-# ---------------------------------------------------------------- offline ------
+# ---------------------------------------------------------------- python-stdlib --
 
-def test_offline_default_is_python_stdlib_with_one_line_notice(capsys):
-    assert resolve_source(None) == "python-stdlib"
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "python-stdlib" in err
-    text = load_text()
-    assert "python-stdlib" in capsys.readouterr().err
+def test_python_stdlib_corpus():
+    text = load_text("python-stdlib")
     assert 1_000_000 < len(text.encode("utf-8")) <= data.STDLIB_MAX_BYTES
     assert text.startswith("# ---- ")
 
@@ -234,11 +292,13 @@ def test_encode_cached_large_vocab_uses_uint32():
     assert data.token_dtype(65_536) == np.uint16 and data.token_dtype(65_537) == np.uint32
 
 
-def test_shakespeare_char_pipeline():
-    text = _need_shakespeare().read_text(encoding="utf-8")
+def test_shakespeare_char_pipeline(isolated_cache):
+    text = load_text("shakespeare")
     tok = CharTokenizer.from_text(text)
     ids = encode_cached(text, tok, name="shakespeare")
     assert len(ids) == len(text) and ids.dtype == np.uint16
+    assert encode_cached(load_text("shakespeare"), tok, name="shakespeare").filename == ids.filename
+    assert len(list((isolated_cache / "tokens").iterdir())) == 1       # the second load hits the cache
     train, val = train_val_split(ids, 0.9)
     assert len(train) == 1003854 and len(val) == 111540
     x, y = get_batch(train, 4, 8, np.random.default_rng(1337))

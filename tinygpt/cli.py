@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model. Every option left out comes from the preset; with --resume, "
                                    "from the checkpoint.")
     t.add_argument("--preset", help=f"one of: {', '.join(PRESETS)} (default: cpu)")
-    t.add_argument("--data", help="a UTF-8 .txt file or folder, 'shakespeare' or 'python-stdlib' "
-                                  "(default: Tiny Shakespeare, or python-stdlib when offline)")
+    t.add_argument("--data", help="a UTF-8 .txt file or folder, 'shakespeare' (default: Tiny Shakespeare, "
+                                  "shipped with tinygpt), 'shakespeare-download' or 'python-stdlib'")
     t.add_argument("--tokenizer", help="char (default) or bpe")
     t.add_argument("--bpe-vocab-size", type=int, help="vocabulary size of --tokenizer bpe (default 512)")
     t.add_argument("--device", help="cpu (default: $TINYGPT_DEVICE or cpu) or cuda")

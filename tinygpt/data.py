@@ -16,26 +16,30 @@ from 1 to ``T``.
 Corpora (``load_text(source)``):
 
 * a path to a UTF-8 ``.txt`` file, or to a folder of ``.txt`` files;
-* ``"shakespeare"`` -- Tiny Shakespeare (1.1 MB), downloaded once into the
-  cache (``$TINYGPT_CACHE``, default ``~/.cache/tinygpt``) and checked by sha256;
-* ``"python-stdlib"`` -- an offline corpus: the running interpreter's own
-  standard-library sources, in a fixed order, capped at ~4 MB;
-* ``None`` -- ``"shakespeare"`` when cached or downloadable, else
-  ``"python-stdlib"`` with a one-line notice on stderr.
+* ``"shakespeare"`` -- Tiny Shakespeare (1,115,394 characters, 65 symbols),
+  shipped inside the package (``tinygpt/corpora/tinyshakespeare.txt.gz``) and
+  checked by sha256 on every load: offline, nothing written
+  (:func:`shakespeare_text`);
+* ``"shakespeare-download"`` -- the same text, downloaded once into the cache
+  (``$TINYGPT_CACHE``, default ``~/.cache/tinygpt``) and checked by sha256;
+* ``"python-stdlib"`` -- the running interpreter's own standard-library
+  sources, in a fixed order, capped at ~4 MB;
+* ``None`` -- the default, ``"shakespeare"``.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
 import numbers
 import os
 import platform
 import re
-import sys
 import sysconfig
 import tempfile
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +48,12 @@ SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/"
                    "data/tinyshakespeare/input.txt")
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SHAKESPEARE_FILENAME = "tinyshakespeare.txt"   # name inside the cache folder
-DOWNLOAD_TIMEOUT = 30.0     # seconds, for an explicit load_text("shakespeare")
-PROBE_TIMEOUT = 5.0         # seconds, when only choosing the default corpus
+# The packaged copy: gzip level 9, mtime 0, no file name (Python's gzip.GzipFile(filename="", mtime=0)).
+SHAKESPEARE_PACKAGED = Path(__file__).resolve().parent / "corpora" / "tinyshakespeare.txt.gz"
+DOWNLOAD_TIMEOUT = 30.0     # seconds, for load_text("shakespeare-download")
 STDLIB_MAX_BYTES = 4_000_000
-NAMED_SOURCES = ("shakespeare", "python-stdlib")
+DEFAULT_SOURCE = "shakespeare"
+NAMED_SOURCES = ("shakespeare", "shakespeare-download", "python-stdlib")
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests",
               "idle_test", "idlelib", "turtledemo"}
 
@@ -58,6 +64,27 @@ class DataError(ValueError):
 
 def _one_line(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+# ---- Tiny Shakespeare, shipped with the package -----------------------------
+
+def shakespeare_text() -> str:
+    """Tiny Shakespeare (1,115,394 characters, 65 symbols) from the gzip copy
+    inside the package: no network, no cache. The decompressed bytes must
+    match :data:`SHAKESPEARE_SHA256`, so a damaged install is a
+    :class:`DataError`, never a silently different corpus."""
+    path = SHAKESPEARE_PACKAGED
+    advice = "reinstall tinygpt, or use --data shakespeare-download"
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, zlib.error) as e:      # missing, truncated, bad CRC or header
+        raise DataError(f"the packaged Tiny Shakespeare {path} cannot be read "
+                        f"({_one_line(e)}); {advice}") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != SHAKESPEARE_SHA256:
+        raise DataError(f"the packaged Tiny Shakespeare {path} is damaged: sha256 {digest[:16]}..., "
+                        f"expected {SHAKESPEARE_SHA256[:16]}...; {advice}")
+    return raw.decode("utf-8")
 
 
 # ---- Cache and downloads ---------------------------------------------------
@@ -89,7 +116,8 @@ def cached_shakespeare(cache: str | Path | None = None) -> Path | None:
 
 def download_shakespeare(url: str | None = None, *, timeout: float = DOWNLOAD_TIMEOUT,
                          cache: str | Path | None = None) -> Path:
-    """Return the cached Tiny Shakespeare file, downloading it if needed.
+    """Return the cached Tiny Shakespeare file, downloading it if needed (the
+    ``"shakespeare-download"`` corpus; ``"shakespeare"`` needs no network).
 
     The URL is ``url``, else ``$TINYGPT_SHAKESPEARE_URL``, else
     :data:`SHAKESPEARE_URL` (``file://`` URLs work too). Bytes stream into a
@@ -123,7 +151,8 @@ def download_shakespeare(url: str | None = None, *, timeout: float = DOWNLOAD_TI
         raise
     except (OSError, ValueError, http.client.HTTPException) as e:
         raise DataError(f"could not download Tiny Shakespeare from {url} ({_one_line(e)}); "
-                        f"check the network or copy the file to {dest}") from None
+                        f"check the network, or use 'shakespeare' (the copy shipped with tinygpt, "
+                        f"offline)") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -191,26 +220,10 @@ def stdlib_corpus_path(cache: str | Path | None = None,
 
 # ---- Choosing and reading a corpus -----------------------------------------
 
-def resolve_source(source: str | Path | None = None, *, timeout: float = PROBE_TIMEOUT,
-                   cache: str | Path | None = None) -> str | Path:
-    """Return ``source`` unchanged, or for ``None`` pick the default corpus:
-    ``"shakespeare"`` if cached or downloadable within ``timeout`` seconds,
-    otherwise ``"python-stdlib"`` (printing a one-line notice on stderr)."""
-    if source is not None:
-        return source
-    try:
-        download_shakespeare(timeout=timeout, cache=cache)
-        return "shakespeare"
-    except DataError as e:
-        reason = str(e).split("; ")[0]  # drop the advice part: the notice is one line
-        print(f"tinygpt: {reason}; using the offline 'python-stdlib' corpus instead",
-              file=sys.stderr)
-        return "python-stdlib"
-
-
-def default_corpus(*, timeout: float = PROBE_TIMEOUT, cache: str | Path | None = None) -> str:
-    """The corpus name used when none is given (see :func:`resolve_source`)."""
-    return str(resolve_source(None, timeout=timeout, cache=cache))
+def resolve_source(source: str | Path | None = None) -> str | Path:
+    """``source`` unchanged, or :data:`DEFAULT_SOURCE` (the packaged Tiny
+    Shakespeare) for ``None``."""
+    return DEFAULT_SOURCE if source is None else source
 
 
 def _read_txt(path: Path) -> str:
@@ -229,16 +242,17 @@ def load_text(source: str | Path | None = None, *, cache: str | Path | None = No
               timeout: float = DOWNLOAD_TIMEOUT) -> str:
     """Read a corpus into one ``str``.
 
-    ``source``: ``"shakespeare"``, ``"python-stdlib"``, a ``.txt`` path, a
-    folder (all ``*.txt`` inside it, recursively, in sorted path order, each
-    ending with a newline), or ``None`` for the default corpus. A named corpus
-    wins over a same-named path; write ``./shakespeare`` to mean the folder.
+    ``source``: one of :data:`NAMED_SOURCES`, a ``.txt`` path, a folder (all
+    ``*.txt`` inside it, recursively, in sorted path order, each ending with a
+    newline), or ``None`` for the default corpus. A named corpus wins over a
+    same-named path; write ``./shakespeare`` to mean the folder. ``timeout``
+    only applies to ``"shakespeare-download"``.
     """
-    if source is None:
-        source = resolve_source(None, cache=cache)
+    source = resolve_source(source)
     if source == "shakespeare":
-        path = download_shakespeare(timeout=timeout, cache=cache)
-        return path.read_text(encoding="utf-8")
+        return shakespeare_text()
+    if source == "shakespeare-download":
+        return download_shakespeare(timeout=timeout, cache=cache).read_text(encoding="utf-8")
     if source == "python-stdlib":
         return stdlib_corpus_path(cache).read_text(encoding="utf-8")
     path = Path(source).expanduser()

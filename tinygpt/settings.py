@@ -26,7 +26,7 @@ class RunSettings:
     """Every knob of a run. `from_preset` fills them from a preset; JSON-able (stored in checkpoints)."""
     preset: str = "cpu"
     model: str = "gpt"
-    data: str | None = None             # a path, "shakespeare", "python-stdlib"; None: the default corpus
+    data: str | None = None             # a path or one of data.NAMED_SOURCES; None: "shakespeare"
     tokenizer: str = "char"             # "char" or "bpe"
     bpe_vocab_size: int = 512
     device: str = "cpu"
