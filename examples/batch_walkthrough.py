@@ -10,8 +10,8 @@ This script prints those 32 examples, one per line::
 
 Usage::
 
-    python examples/batch_walkthrough.py                    # default corpus
-    python examples/batch_walkthrough.py --corpus shakespeare --text
+    python examples/batch_walkthrough.py                    # Tiny Shakespeare (shipped with tinygpt)
+    python examples/batch_walkthrough.py --corpus python-stdlib --text
 """
 import argparse
 import sys
@@ -21,25 +21,24 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from tinygpt.data import encode_cached, get_batch, load_text, resolve_source, train_val_split  # noqa: E402
+from tinygpt.data import encode_cached, get_batch, load_text, train_val_split  # noqa: E402
 from tinygpt.tokenizers import CharTokenizer  # noqa: E402
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--corpus", default=None,
-                   help="shakespeare, python-stdlib, a .txt file or a folder (default: "
-                        "shakespeare if available, else python-stdlib)")
+    p.add_argument("--corpus", default="shakespeare",
+                   help="shakespeare (default, shipped with tinygpt), python-stdlib, a .txt file "
+                        "or a folder")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--text", action="store_true", help="show characters instead of ids")
     args = p.parse_args(argv)
 
-    source = resolve_source(args.corpus)
-    text = load_text(source)
+    text = load_text(args.corpus)
     tok = CharTokenizer.from_text(text)
-    ids = encode_cached(text, tok, name=str(source))
+    ids = encode_cached(text, tok, name=str(args.corpus))
     train, _ = train_val_split(ids, 0.9)
     x, y = get_batch(train, args.batch_size, args.block_size, np.random.default_rng(args.seed))
     x, y = x.numpy(), y.numpy()

@@ -1,6 +1,6 @@
 """The bigram language model of "Let's build GPT", step by step, on tinygpt instead of PyTorch.
 
-    python examples/bigram.py                   # Tiny Shakespeare if available, else python-stdlib
+    python examples/bigram.py                   # on Tiny Shakespeare (shipped with tinygpt)
     python examples/bigram.py --max-iters 300   # a quick look
 
 Each step prints what the lecture shows: the vocabulary, an encode/decode round trip, the first batch, the
@@ -24,7 +24,7 @@ from tinygpt.tokenizers import CharTokenizer  # noqa: E402
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=None, help="shakespeare, python-stdlib or a .txt file")
+    p.add_argument("--data", default="shakespeare", help="shakespeare (default), python-stdlib or a .txt file")
     p.add_argument("--max-iters", type=int, default=3000)
     p.add_argument("--device", default=None, help="cpu or cuda")
     args = p.parse_args(argv)
@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     tinygpt.manual_seed(1337)
 
     # 1. The data: one long string.
-    text = data.load_text(data.resolve_source(args.data))
+    text = data.load_text(args.data)
     print(f"length of dataset in characters: {len(text):,}")
     print(text[:200])
 

@@ -24,7 +24,7 @@ from tinygpt.tokenizers import CharTokenizer  # noqa: E402
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="cpu", choices=["cpu", "video"])
-    p.add_argument("--data", default=None, help="shakespeare (default when available), python-stdlib or a .txt")
+    p.add_argument("--data", default="shakespeare", help="shakespeare (default), python-stdlib or a .txt")
     p.add_argument("--max-iters", type=int, default=None, help="stop here (the lr schedule stays the preset's)")
     p.add_argument("--device", default=None, help="cpu or cuda")
     p.add_argument("--save", default=None, help="write a checkpoint here (e.g. out/ckpt.safetensors)")
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     tinygpt.manual_seed(1337)
 
     # data: characters -> ids; 90% train, 10% validation
-    text = data.load_text(data.resolve_source(args.data))
+    text = data.load_text(args.data)
     tok = CharTokenizer.from_text(text)
     ids = data.encode_cached(text, tok, name="gpt-example")
     train_data, val_data = data.train_val_split(ids, 0.9)

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python examples/train_bpe.py --vocab-size 512                  # default corpus
-    python examples/train_bpe.py --corpus shakespeare --vocab-size 512 --out bpe512.json
+    python examples/train_bpe.py --vocab-size 512                  # Tiny Shakespeare (shipped with tinygpt)
+    python examples/train_bpe.py --corpus my.txt --vocab-size 512 --out bpe512.json
 
 It prints the training time, the time to encode the whole corpus (with a
 fresh, un-warmed tokenizer), the compression ratio (UTF-8 bytes per token;
@@ -17,14 +17,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from tinygpt import tokenizers  # noqa: E402
-from tinygpt.data import load_text, resolve_source  # noqa: E402
+from tinygpt.data import load_text  # noqa: E402
 from tinygpt.tokenizers import BPETokenizer  # noqa: E402
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--corpus", default=None,
-                   help="shakespeare, python-stdlib, a .txt file or a folder")
+    p.add_argument("--corpus", default="shakespeare",
+                   help="shakespeare (default, shipped with tinygpt), python-stdlib, a .txt file or a folder")
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--special", action="append", default=[], metavar="TOKEN",
                    help="add a special token, e.g. --special '<|endoftext|>' (repeatable)")
@@ -33,10 +33,9 @@ def main(argv=None) -> None:
                                         "hear me speak.")
     args = p.parse_args(argv)
 
-    source = resolve_source(args.corpus)
-    text = load_text(source)
+    text = load_text(args.corpus)
     n_bytes = len(text.encode("utf-8"))
-    print(f"corpus: {source} ({len(text):,} characters, {n_bytes:,} UTF-8 bytes)")
+    print(f"corpus: {args.corpus} ({len(text):,} characters, {n_bytes:,} UTF-8 bytes)")
 
     t0 = time.perf_counter()
     tok = BPETokenizer.train(text, args.vocab_size, special_tokens=args.special)
