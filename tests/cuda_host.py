@@ -6,7 +6,7 @@
     one std::thread per CUDA thread, a std::barrier for __syncthreads, a slot array for __shfl_xor_sync.
   * `HostBuilds(tmp_dir)`: compiles those with g++ on first use; `host_elementwise` / `host_rows` run them
     on NumPy arrays through ctypes.
-  * `HostCuPy`: just the CuPy calls that tinygpt/cuda_kernels.py makes (RawModule, ElementwiseKernel, and
+  * `HostCuPy`: just the CuPy calls that tinygpt/cuda/kernels.py makes (RawModule, ElementwiseKernel, and
     NumPy for the rest), running the host builds and asserting that every kernel argument has the exact
     type of its C parameter.
 """

@@ -301,9 +301,9 @@ def asnumpy(a):
 
 
 def normal_cdf(x):
-    """The device's Φ(x) for backend.normal_cdf (CuPy uses cupyx.scipy.special.ndtr)."""
-    from tinygpt import backend
-    return _wrap(backend.normal_cdf(_unwrap(x)))
+    """The device's Φ(x), for backend.device_normal_cdf (CuPy's is cupyx.scipy.special.ndtr): the CPU's."""
+    from tinygpt.ops.activations import normal_cdf as cpu_normal_cdf
+    return _wrap(cpu_normal_cdf(_unwrap(x)))
 
 
 _FUNCTIONS = [

@@ -1,4 +1,4 @@
-"""The fused CUDA kernels (tinygpt/cuda_kernels.py, tinygpt/cuda/), checked as far as a machine without a GPU
+"""The fused CUDA kernels (tinygpt/cuda/kernels.py, tinygpt/cuda/sources.py), checked as far as a machine without a GPU
 allows, plus `gpu` tests that compare every kernel with the generic CuPy path (run them with pytest -m gpu).
 
 Without a GPU:
@@ -13,6 +13,7 @@ Without a GPU:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -23,8 +24,10 @@ import pytest
 
 import tinygpt
 import tinygpt.functional as F
-from tinygpt import backend, cuda_kernels, optim
+from tinygpt import backend, kernels, optim
 from tinygpt.cuda import amp, sources
+from tinygpt.cuda import kernels as cuda_kernels
+from tinygpt.ops.activations import _on_rows
 
 from cuda_host import (CXX, HOST_DTYPES, NVCC, HostBuilds, HostCuPy, elementwise_translation_unit,
                        host_elementwise, host_rows, parse_params)
@@ -112,34 +115,19 @@ def test_elementwise_specs(dtype):
 
 
 def test_dispatch_rules():
-    x32, i64 = np.zeros((2, 3), np.float32), np.zeros(3, np.int64)
-    cpu = backend.get_device("cpu")
-    assert not cuda_kernels.fusable(cpu, x32)
-    assert cuda_kernels.fusable("cuda", x32) and cuda_kernels.fusable(backend.Device("cuda", np, object), x32)
-    assert not cuda_kernels.fusable("cuda", x32, i64)
-    assert cuda_kernels.softmax_fusable("cuda", x32, -1) and cuda_kernels.softmax_fusable("cuda", x32, 1)
-    assert not cuda_kernels.softmax_fusable("cuda", x32, 0)
-    assert not cuda_kernels.softmax_fusable("cuda", np.zeros((2, 0), np.float32), -1)
-    assert not cuda_kernels.adam_fusable(x32, x32)               # a NumPy array lives on the CPU
-    with cuda_kernels.disabled():
-        assert not cuda_kernels.enabled() and not cuda_kernels.fusable("cuda", x32)
-    assert cuda_kernels.enabled()
-    cuda_kernels.set_enabled(False)
-    try:
-        assert not cuda_kernels.fusable("cuda", x32)
-    finally:
-        cuda_kernels.set_enabled(True)
-
-
-def test_env_var_turns_the_fused_kernels_off():
-    code = "import tinygpt.cuda_kernels as k; print(k.enabled())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "TINYGPT_CUDA_FUSED": "0"}).stdout
-    assert out.strip() == "False"
+    x32, i64, x16 = np.zeros((2, 3), np.float32), np.zeros(3, np.int64), np.zeros(3, np.float16)
+    assert kernels.fused(backend.get_device("cpu"), x32) == "cpu"
+    assert kernels.fused("cuda", x32, x16) == "cuda"
+    assert kernels.fused(backend.Device("cuda", np, object), x32) == "cuda"      # by the device's name
+    assert kernels.fused("cuda", x32, i64) is None and kernels.fused("cuda", x32.astype(np.int32)) is None
+    assert _on_rows(x32, -1) and _on_rows(x32, 1)               # the softmax kernels take the last axis,
+    assert not _on_rows(x32, 0) and not _on_rows(np.zeros((2, 0), np.float32), -1)     # of a non-empty array
+    with kernels.disabled():
+        assert kernels.fused("cuda", x32) is None
 
 
 def test_importing_the_kernels_does_not_import_cupy():
-    code = ("import sys, tinygpt, tinygpt.cuda_kernels, tinygpt.cuda.amp, tinygpt.ops.nn; "
+    code = ("import sys, tinygpt, tinygpt.cuda, tinygpt.cuda.kernels, tinygpt.kernels, tinygpt.ops.nn; "
             "print('cupy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
@@ -286,7 +274,6 @@ def fake_cuda(monkeypatch):
             calls.append((_name, args, kw))
             return _ref(*args, **kw)
         monkeypatch.setattr(cuda_kernels, name, logged)
-    monkeypatch.setattr(cuda_kernels, "adam_fusable", lambda theta, grad, *state: grad is not None)
     return calls
 
 
@@ -373,9 +360,7 @@ def test_softmax_over_another_axis_stays_generic(fake_cuda, rng):
 
 @pytest.mark.parametrize("opt_cls, kw", [(optim.AdamW, dict(weight_decay=0.1)),
                                          (optim.Adam, dict(weight_decay=0.05)), (optim.Adam, {})])
-def test_adam_takes_the_fused_branch_on_cuda_and_matches_cpu(opt_cls, kw, fake_cuda, rng, monkeypatch):
-    from tinygpt import cpu_kernels
-    monkeypatch.setattr(cpu_kernels, "adam_fusable", lambda *a: False)  # stand-in arrays are NumPy's
+def test_adam_takes_the_fused_branch_on_cuda_and_matches_cpu(opt_cls, kw, fake_cuda, rng):
     w0 = rng.standard_normal((4, 3)).astype(np.float32)
     grads = [rng.standard_normal((4, 3)).astype(np.float32) for _ in range(3)]
     results = {}
@@ -608,17 +593,13 @@ def test_host_cross_entropy_forward_matches_the_cpu_op(dtype, V, host_libs, rng)
 
 # =====================================================================================================
 # End to end on the host: the ops on the stand-in "cuda" device, through the real launchers in
-# cuda_kernels.py, with a stand-in for the few CuPy calls they make (RawModule, ElementwiseKernel) that
+# cuda/kernels.py, with a stand-in for the few CuPy calls they make (RawModule, ElementwiseKernel) that
 # runs the host-compiled kernels and checks every argument's type the way the CUDA ABI needs it.
 # =====================================================================================================
 @pytest.fixture
 def host_cuda(monkeypatch, host_libs):
-    from tinygpt import cpu_kernels
     monkeypatch.setitem(backend._DEVICES, "cuda", backend.Device("cuda", np, _NeverAnArray))
     monkeypatch.setattr(cuda_kernels, "_cupy", lambda: HostCuPy(host_libs))
-    monkeypatch.setattr(cpu_kernels, "adam_fusable", lambda *a: False)       # stand-in arrays are NumPy's
-    monkeypatch.setattr(cuda_kernels, "adam_fusable", lambda theta, grad, *state: grad is not None and all(
-        a.shape == theta.shape and a.dtype == theta.dtype for a in (grad, *state)))   # minus the device check
     for cached in (cuda_kernels.row_module, cuda_kernels.elementwise):
         cached.cache_clear()
     yield
@@ -685,7 +666,7 @@ def precision(monkeypatch):
 
 
 def test_set_matmul_precision(precision):
-    assert cuda_kernels.set_matmul_precision is amp.set_matmul_precision
+    assert tinygpt.cuda.set_matmul_precision is amp.set_matmul_precision          # the documented name
     for p in amp.PRECISIONS:
         amp.set_matmul_precision(p)
         assert amp.get_matmul_precision() == p
@@ -796,7 +777,7 @@ def test_gpu_fused_op_matches_generic_cupy(name, rng):
     fn, _ = OP_CASES[name]
     arrays = _op_inputs(name, rng)
     out_f, grads_f = _cuda_run(fn, arrays)
-    with cuda_kernels.disabled():
+    with kernels.disabled():
         out_g, grads_g = _cuda_run(fn, arrays)
     np.testing.assert_allclose(out_f, out_g, rtol=1e-5, atol=1e-6)
     for gf, gg in zip(grads_f, grads_g):
@@ -814,7 +795,7 @@ def test_gpu_big_rows(shape, rng):
     for fn, arrays in ((lambda a, b: F.layer_norm(a, b), [x, w]), (lambda a: F.softmax(a), [x]),
                        (lambda a, tt: F.cross_entropy(a, tt).reshape(1), [x, t])):
         out_f, grads_f = _cuda_run(fn, arrays)
-        with cuda_kernels.disabled():
+        with kernels.disabled():
             out_g, grads_g = _cuda_run(fn, arrays)
         np.testing.assert_allclose(out_f, out_g, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(grads_f[0], grads_g[0], rtol=1e-4, atol=1e-6)
@@ -827,16 +808,13 @@ def test_gpu_fused_adam_matches_generic(opt_cls, rng):
     grads = rng.standard_normal((3, 64, 33)).astype(np.float32)
     out = []
     for fused in (True, False):
-        cuda_kernels.set_enabled(fused)
-        try:
+        with contextlib.nullcontext() if fused else kernels.disabled():
             p = tinygpt.nn.Parameter(tinygpt.tensor(w0, device="cuda"))
             opt = opt_cls([p], lr=0.01, weight_decay=0.1)
             for g in grads:
                 p.grad = backend.to_device(g, "cuda")
                 opt.step()
             out.append(p.numpy())
-        finally:
-            cuda_kernels.set_enabled(True)
     np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=1e-7)
 
 

@@ -11,7 +11,6 @@ a device array.
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import numpy as np
 __all__ = [
     "Device", "DeviceError", "CudaUnavailableError", "get_device", "default_device", "register_device",
     "get_array_module", "device_of", "to_numpy", "to_device", "is_cuda_available", "scatter_add",
-    "synchronize", "manual_seed", "host_rng", "device_rng",
+    "synchronize", "manual_seed", "host_rng", "device_rng", "tune_allocator",
 ]
 
 
@@ -176,25 +175,21 @@ def synchronize(device: "str | Device | None" = None) -> None:
         dev.xp.cuda.get_current_stream().synchronize()
 
 
-def normal_cdf(x: Any) -> Any:
-    """Φ(x) = ½ erfc(-x/√2), the standard normal CDF, elementwise on any device (NumPy has no erf).
-
-    float64 on the CPU is exact (math.erfc per element: for gradient checks). Other NumPy dtypes use
-    Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7; see cpu_kernels.py). CuPy has `ndtr`.
-    """
+def device_normal_cdf(x: Any) -> Any:
+    """Φ(x), the standard normal CDF, of an array on a GPU device: CuPy keeps it in cupyx.scipy.special
+    (`ndtr`); a device registered by the tests brings its own `xp.normal_cdf`. NumPy has none: the CPU's
+    is written out in tinygpt/ops/activations.py, `normal_cdf`, which calls this for device arrays."""
     dev = device_of(x)
     if dev.name == "cuda":
         import cupyx.scipy.special  # noqa: part of CuPy
         return cupyx.scipy.special.ndtr(x)
-    if dev.name != "cpu":
-        return dev.xp.normal_cdf(x)
-    if x.dtype == np.float64:
-        return _half_erfc(x * -math.sqrt(0.5)).astype(np.float64)
-    from tinygpt import cpu_kernels
-    return cpu_kernels.normal_cdf(x)
+    return dev.xp.normal_cdf(x)
 
 
-_half_erfc = np.frompyfunc(lambda v: 0.5 * math.erfc(v), 1, 1)
+def normal_cdf(x: Any) -> Any:
+    """Moved to tinygpt.ops.activations.normal_cdf; this forwards to it for older callers."""
+    from tinygpt.ops.activations import normal_cdf as moved
+    return moved(x)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,10 +236,14 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------------------------------
 # glibc hands large blocks (>128 KiB by default) straight to mmap and back with munmap on free, so each
 # training step page-faults its big temporaries in again. Raising the thresholds keeps them in the heap.
+# It changes the whole process's allocator, so it is not done on import: the trainer and the benchmark
+# call it (a forked worker inherits it).
 
-def _tune_allocator() -> None:
+def tune_allocator() -> bool:
+    """Keep freed memory in the heap for the next training step (glibc only: page faults 14,846 -> 31 per
+    step of the cpu preset, BENCHMARKS.md). Set TINYGPT_NO_MALLOPT=1 to skip it. True when it was applied."""
     if not sys.platform.startswith("linux") or os.environ.get("TINYGPT_NO_MALLOPT"):
-        return
+        return False
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -252,8 +251,6 @@ def _tune_allocator() -> None:
         if not libc.mallopt(M_MMAP_THRESHOLD, 1 << 30):
             libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)     # and keep freed memory for the next step
+        return True
     except Exception:  # not glibc (musl, ...): nothing to tune
-        pass
-
-
-_tune_allocator()
+        return False

@@ -89,6 +89,7 @@ def matmul_peak_gflops(device: str) -> float:
 
 def _setup(preset: str, batch_size: int, device: str, workers: int | None = None) -> tuple:
     """Our model, optimizer and batch, plus everything torch needs to mirror them."""
+    backend.tune_allocator()                                      # as the trainer does
     config = model_config(preset)
     p = get_preset(preset)
     tinygpt.manual_seed(0)

@@ -9,9 +9,10 @@ Two tricks make plain NumPy fast here:
      core between matmuls. Small arrays therefore stay on the calling thread. Training uses the other
      cores through processes instead (tinygpt/parallel.py), which cap these kernels at one thread.
 
-Every kernel here takes and returns NumPy arrays only; the ops call them when `ctx.xp is numpy` and use
-their plain xp versions otherwise (CuPy has its own fused kernels in cuda_kernels.py).
-The math of each kernel is written in its docstring; the op that uses it has the same math beside it.
+Every kernel here takes and returns NumPy arrays only. The ops call them when `tinygpt.kernels.fused`
+answers "cpu", and run their reference math otherwise (TINYGPT_KERNELS=reference runs it everywhere; CuPy
+has its own fused kernels in tinygpt/cuda/kernels.py). The math of each kernel is written in its
+docstring; the op that uses it has the same math, as plain array code, beside the call.
 """
 from __future__ import annotations
 
@@ -242,13 +243,6 @@ def softmax_backward_(dp: np.ndarray, p: np.ndarray, scale: float = 1.0) -> np.n
 
 
 # --- Adam / AdamW over all parameters at once -------------------------------------------------------
-def adam_fusable(theta, grad, *state) -> bool:
-    """Can `adam_step` update this parameter? (NumPy, float32, contiguous; grad and state of its shape)."""
-    arrays = (theta, grad, *state)
-    return (all(isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == theta.shape for a in arrays)
-            and all(a.flags.c_contiguous for a in (theta, *state)))
-
-
 def adam_step(params: list, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
               decoupled: bool) -> None:
     """One Adam/AdamW step over every (θ, g, m, v, t) in `params`, in place, block by block:

@@ -151,6 +151,7 @@ class Trainer:
         self.out = out if out is not None else sys.stdout
         self.progress = progress
         self.device = backend.get_device(settings.device)         # CudaUnavailableError before any work
+        backend.tune_allocator()                                   # glibc keeps each step's freed blocks
         out_dir = Path(settings.out_dir)
         last = checkpoint.checkpoint_path(out_dir, "last")
         ckpt = _ckpt

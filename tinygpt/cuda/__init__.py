@@ -1,2 +1,8 @@
-"""CUDA-only pieces: the fused kernels' C source (sources.py) and reduced-precision matmuls with loss
-scaling (amp.py). Nothing here imports CuPy; `tinygpt.cuda_kernels` is the entry point the ops use."""
+"""Everything CUDA-only, one entry point: `from tinygpt import cuda`.
+
+    cuda.set_matmul_precision("tf32")     # or "float16"/"bfloat16" with a cuda.LossScaler (docs/GPU.md)
+
+The package holds the fused kernels (kernels.py: the launchers the ops call when tinygpt.kernels.fused
+answers "cuda"; sources.py: their CUDA C source) and reduced-precision matmuls with loss scaling
+(amp.py). Nothing here imports CuPy: tinygpt.backend does, on first use of the "cuda" device."""
+from tinygpt.cuda.amp import LossScaler, get_matmul_precision, set_matmul_precision  # noqa: F401

@@ -8,8 +8,8 @@
     set_matmul_precision("bfloat16")   the same with bfloat16 (float32's range: no loss scaling needed);
                                        needs a CuPy that has bfloat16 arrays (ml_dtypes)
 
-Only the GEMMs of Linear and MatMul change (see ops/linalg.py); parameters, activations, gradients and
-optimizer state stay float32. On the CPU every setting is plain float32.
+Only the GEMMs of Linear and MatMul change (ops/linalg.py, through tinygpt.kernels.matmul); parameters,
+activations, gradients and optimizer state stay float32. On the CPU every setting is plain float32.
 
 Why loss scaling with float16: float16 keeps about 3 significant digits and nothing below ~6e-8, so small
 gradients (activation gradients of a late layer are often ~1e-6 to 1e-9) round to zero in the cast. Scaling
@@ -27,6 +27,7 @@ import numpy as np  # for a host dtype only
 from tinygpt import backend
 
 PRECISIONS = ("float32", "tf32", "float16", "bfloat16")
+CAST_PRECISIONS = ("float16", "bfloat16")          # the ones `matmul` casts the operands for
 _precision = "tf32" if os.environ.get("CUPY_TF32", "0").strip() not in ("", "0") else "float32"
 
 

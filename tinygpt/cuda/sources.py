@@ -2,7 +2,7 @@
 
 Nothing here touches a GPU or imports CuPy: these are plain strings and integers, so the tests check them
 on any machine (and compile them with nvcc, or run them on the host through a small emulator, where one
-is installed). `tinygpt.cuda_kernels` turns them into CuPy kernels.
+is installed). `tinygpt.cuda.kernels` turns them into CuPy kernels.
 
 Two kinds of kernel:
   * Row kernels (one CUDA block per row of a (rows, cols) array, `ROW_KERNELS`): layer norm, softmax,
@@ -142,7 +142,7 @@ __device__ __forceinline__ acc_t block_max(acc_t v, acc_t* sh) {
 """
 
 # --- row kernels ----------------------------------------------------------------------------------------
-# name -> C parameter list. The launcher in cuda_kernels.py passes arguments in this order; the tests
+# name -> C parameter list. The launcher in cuda/kernels.py passes arguments in this order; the tests
 # parse these lists to build host harnesses. Every kernel runs with grid = (rows,), block = (row_threads,).
 ROW_KERNELS = {
     "tg_layer_norm_fwd": "const scalar_t* x, const scalar_t* w, const scalar_t* b, scalar_t* y, "

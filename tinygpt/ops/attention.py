@@ -10,6 +10,11 @@ Backward, with g = dL/dy:
     dv = Pᵀ g,   dP = g vᵀ,   dS = P ⊙ (dP - Σ_k dP ⊙ P) · scale,   dq = dS k,   dk = dSᵀ q
 
 With a KV cache the queries are the last Tq of Tk positions, so query i may see keys 0..(Tk-Tq+i).
+
+Reference first, kernel second: the softmax step and its backward are written out below (_softmax_scores,
+_softmax_scores_grad); the op hands the same math to a kernel when `kernels.fused` answers "cpu"
+(tinygpt/cpu_kernels.py: blocked and threaded) or "cuda" (tinygpt/cuda/kernels.py: one block per row).
+TINYGPT_KERNELS=reference runs the reference alone (tinygpt/kernels.py).
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ import math
 
 import numpy as np
 
-from tinygpt import backend, cpu_kernels, cuda_kernels
+from tinygpt import backend, cpu_kernels, kernels
+from tinygpt.cuda import kernels as cuda_kernels
 from tinygpt.function import Function
 from tinygpt.tensor import Tensor
 
@@ -54,26 +60,41 @@ def _transposed(ctx, a, n_queries: int):
     return t
 
 
+def _softmax_scores(xp, s, scale, causal):
+    """P = softmax(S · scale, causally masked) over the last axis, in place of S (B, H, Tq, Tk)."""
+    Tq, Tk = s.shape[-2], s.shape[-1]
+    s *= scale
+    if causal:
+        s[..., causal_mask(xp, Tq, Tk)] = -xp.inf
+    s -= s.max(axis=-1, keepdims=True)
+    p = xp.exp(s, out=s)
+    p /= p.sum(axis=-1, keepdims=True)
+    return p
+
+
+def _softmax_scores_grad(dp, p, scale):
+    """dS = P ⊙ (dP − Σ_k dP ⊙ P) · scale, in place of dP (B, H, Tq, Tk)."""
+    dp -= (dp * p).sum(axis=-1, keepdims=True)
+    dp *= p
+    dp *= scale
+    return dp
+
+
 class ScaledDotProductAttention(Function):
     @staticmethod
     def forward(ctx, q, k, v, causal=True, dropout_p=0.0, scale=None):
-        xp = ctx.xp
         Tq, Tk = q.shape[-2], k.shape[-2]
         causal = causal and Tq > 1        # one query (KV-cached decoding) is the newest position: sees every key
         scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
         s = q @ _transposed(ctx, k, Tq)                           # (B, H, Tq, Tk)
-        if ctx.device.name == "cpu":                              # blocked, threaded, in place
+        fused = kernels.fused(ctx.device, s)
+        if fused == "cpu":                                        # the same math, blocked and threaded
             mask = _additive_causal_mask(Tq, Tk, s.dtype) if causal else None
             p = cpu_kernels.softmax_lastaxis_(s, scale, mask, causal=causal)
-        elif cuda_kernels.fusable(ctx.device, s):                # scale, mask and softmax in one kernel
+        elif fused == "cuda":                                     # scale, mask and softmax in one kernel
             p = cuda_kernels.softmax_forward(s, scale, causal=causal, inplace=True)
         else:
-            s *= scale
-            if causal:
-                s[..., causal_mask(xp, Tq, Tk)] = -xp.inf
-            s -= s.max(axis=-1, keepdims=True)
-            p = xp.exp(s, out=s)                                  # softmax in place of the scores
-            p /= p.sum(axis=-1, keepdims=True)
+            p = _softmax_scores(ctx.xp, s, scale, causal)
         mask = None
         if dropout_p > 0.0:
             keep = backend.device_rng(ctx.device).random(p.shape, dtype=p.dtype) >= dropout_p
@@ -93,15 +114,13 @@ class ScaledDotProductAttention(Function):
         dp = g @ _transposed(ctx, v, g.shape[-2])                 # (B, H, Tq, Tk)
         if mask is not None:
             dp *= mask
-        # softmax backward, in place: dS = P ⊙ (dP - Σ dP ⊙ P) · scale
-        if ctx.device.name == "cpu":
+        fused = kernels.fused(ctx.device, dp, p)                  # the softmax backward, in place of dP
+        if fused == "cpu":
             cpu_kernels.softmax_backward_(dp, p, scale)
-        elif cuda_kernels.fusable(ctx.device, dp, p):
+        elif fused == "cuda":
             dp = cuda_kernels.softmax_backward(dp, p, scale, inplace=True)
         else:
-            dp -= (dp * p).sum(axis=-1, keepdims=True)
-            dp *= p
-            dp *= scale
+            dp = _softmax_scores_grad(dp, p, scale)
         dq = dp @ k if nq else None                               # (B, H, Tq, hs)
         dk = dp.swapaxes(-1, -2) @ q if nk else None              # (B, H, Tk, hs)
         return dq, dk, dv

@@ -3,14 +3,14 @@
 Shapes follow NumPy's matmul: 1-D operands get a temporary axis, and batch axes broadcast, e.g.
 (B, T, C) @ (C, D) -> (B, T, D) and (B, H, T, hs) @ (B, H, hs, T) -> (B, H, T, T).
 Gradients: for Y = A @ B, dA = dY @ Bᵀ and dB = Aᵀ @ dY, summed over broadcast batch axes.
-Every GEMM is `_mm(a, b)`: a @ b, or on CUDA a float16/bfloat16 GEMM when chosen with
-tinygpt.cuda_kernels.set_matmul_precision (docs/GPU.md).
+Every GEMM is `_mm(a, b)`, tinygpt.kernels.matmul: a @ b, or on CUDA a float16/bfloat16 GEMM when chosen
+with tinygpt.cuda.set_matmul_precision (docs/GPU.md).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from tinygpt.cuda.amp import matmul as _mm
+from tinygpt.kernels import matmul as _mm
 from tinygpt.function import Function, unbroadcast
 from tinygpt.ops.elementwise import as_operand
 from tinygpt.tensor import Tensor

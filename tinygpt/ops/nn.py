@@ -3,100 +3,135 @@
 Fused means one Function with a hand-derived backward instead of a chain of small ops: less memory,
 fewer passes, and a backward with no log(0) or catastrophic cancellation.
 Shapes: N rows, V classes (vocab), C channels.
+
+Reference first, kernel second: the math of cross-entropy, layer norm and the embedding's backward is
+written out as plain array code (the _functions below, with shapes); the Function runs it, or hands the
+same math to a kernel when `kernels.fused` answers "cpu" (tinygpt/cpu_kernels.py) or "cuda"
+(tinygpt/cuda/kernels.py). TINYGPT_KERNELS=reference runs the references alone (tinygpt/kernels.py).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from tinygpt import backend, cpu_kernels, cuda_kernels
+from tinygpt import backend, cpu_kernels, kernels
+from tinygpt.cuda import kernels as cuda_kernels
 from tinygpt.function import Function, unbroadcast
 from tinygpt.ops.elementwise import as_operand
 from tinygpt.tensor import Tensor
 
 
+# --- cross-entropy ----------------------------------------------------------------------------------------
+def _cross_entropy(xp, logits, targets, ignore_index):
+    """loss = Σ_n valid_n (log Σ_j e^(z_nj) − z_n,t_n) / n_valid over rows z = logits (N, V), t = targets (N,)
+    (any leading axes are flattened into N). Returns (loss (0-d), what the backward needs)."""
+    V = logits.shape[-1]
+    z = logits.reshape(-1, V)                                # (N, V)
+    t = targets.reshape(-1)                                  # (N,)
+    valid = t != ignore_index                                # (N,)
+    t_safe = xp.where(valid, t, 0)
+    shifted = z - z.max(axis=1, keepdims=True)               # (N, V): e^shifted cannot overflow
+    e = xp.exp(shifted)
+    sumexp = e.sum(axis=1, keepdims=True)                    # (N, 1)
+    rows = xp.arange(z.shape[0])
+    nll = xp.log(sumexp[:, 0]) - shifted[rows, t_safe]       # (N,) loss_n = log Σ_j e^{z_nj} − z_n,t
+    n_valid = valid.sum()
+    loss = (nll * valid).sum() / n_valid.astype(logits.dtype)
+    return loss, (e / sumexp, t_safe, valid, n_valid, logits.shape)   # softmax (N, V), ...
+
+
+def _cross_entropy_grad(xp, g, p, t, valid, n_valid, shape, overwrite=False):
+    """dz = (softmax(z) − onehot(t)) · g / n_valid, 0 on ignored rows; p = softmax(z) (N, V), back to `shape`.
+    overwrite=True writes into p (its last use)."""
+    rows = xp.arange(p.shape[0])
+    d = p if overwrite else p.copy()
+    d[rows, t] -= 1
+    d *= (valid / n_valid).astype(p.dtype)[:, None] * g
+    return d.reshape(shape)
+
+
 class CrossEntropy(Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index=-1):
-        xp = ctx.xp
-        ctx.fused = cuda_kernels.fusable(ctx.device, logits)
-        if ctx.fused:  # CUDA: the same math, one block per row; backward recomputes softmax from lse
+        ctx.fused = kernels.fused(ctx.device, logits) == "cuda"
+        if ctx.fused:  # the same math, one CUDA block per row; the backward recomputes softmax from lse
             loss, lse, n_valid = cuda_kernels.cross_entropy_forward(logits, targets, ignore_index)
             ctx.save_for_backward(logits, targets, lse, n_valid, ignore_index)
             return loss
-        V = logits.shape[-1]
-        z = logits.reshape(-1, V)                                # (N, V)
-        t = targets.reshape(-1)                                  # (N,)
-        valid = t != ignore_index
-        t_safe = xp.where(valid, t, 0)
-        shifted = z - z.max(axis=1, keepdims=True)
-        e = xp.exp(shifted)
-        sumexp = e.sum(axis=1, keepdims=True)
-        rows = xp.arange(z.shape[0])
-        # loss_n = log Σ_j e^{z_nj} - z_n,t  (computed on max-shifted logits)
-        nll = xp.log(sumexp[:, 0]) - shifted[rows, t_safe]
-        n_valid = valid.sum()
-        ctx.save_for_backward(e / sumexp, t_safe, valid, n_valid, logits.shape)
-        return (nll * valid).sum() / n_valid.astype(logits.dtype)
+        loss, saved = _cross_entropy(ctx.xp, logits, targets, ignore_index)
+        ctx.save_for_backward(*saved)
+        return loss
 
     @staticmethod
-    def backward(ctx, g):  # dz = (softmax(z) - onehot(t)) / N_valid, zero on ignored rows
+    def backward(ctx, g):
         if ctx.fused:
             return cuda_kernels.cross_entropy_backward(g, *ctx.saved_tensors), None
-        p, t, valid, n_valid, shape = ctx.saved_tensors
-        xp = ctx.xp
-        rows = xp.arange(p.shape[0])
-        d = p if ctx.last_use else p.copy()  # on its last use the saved softmax can be overwritten
-        d[rows, t] -= 1
-        d *= (valid / n_valid).astype(p.dtype)[:, None] * g
-        return d.reshape(shape), None
+        # on its last use the saved softmax can be overwritten
+        return _cross_entropy_grad(ctx.xp, g, *ctx.saved_tensors, overwrite=ctx.last_use), None
+
+
+# --- layer norm -------------------------------------------------------------------------------------------
+def _layer_norm(xp, x, w, b, eps):
+    """y = x̂ w + b, x̂ = (x − μ) r, r = 1/√(σ² + ε), μ and σ² over the last axis of x (..., C); w, b (C,).
+    Returns (y (..., C), x̂ (..., C), r (..., 1))."""
+    mu = x.mean(axis=-1, keepdims=True)                      # (..., 1)
+    xc = x - mu
+    var = (xc * xc).mean(axis=-1, keepdims=True)             # (..., 1)
+    rstd = 1 / xp.sqrt(var + x.dtype.type(eps))              # (..., 1)
+    xhat = xc * rstd                                         # (..., C)
+    y = xhat * w
+    if b is not None:
+        y += b
+    return y, xhat, rstd
+
+
+def _layer_norm_grad_x(g, xhat, rstd, w):
+    """dx = r (dx̂ − mean(dx̂) − x̂ mean(dx̂ x̂)), dx̂ = g w, means over the last axis: (..., C)."""
+    dxhat = g * w
+    return rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                   - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
 
 
 class LayerNorm(Function):
     @staticmethod
     def forward(ctx, x, weight, bias=None, eps=1e-5):
-        xp = ctx.xp
-        if ctx.device.name == "cpu":                             # the same math, blocked and threaded
+        fused = kernels.fused(ctx.device, x, weight)
+        if fused == "cpu":                                       # the same math, blocked and threaded
             y, xhat, rstd = cpu_kernels.layer_norm_forward(x, weight, bias, eps)
-            ctx.save_for_backward(xhat, rstd, weight)
-            return y
-        if cuda_kernels.fusable(ctx.device, x, weight):        # the same math, one CUDA block per row
+        elif fused == "cuda":                                    # the same math, one CUDA block per row
             y, xhat, rstd = cuda_kernels.layer_norm_forward(x, weight, bias, eps)
-            ctx.save_for_backward(xhat, rstd, weight)
-            return y
-        mu = x.mean(axis=-1, keepdims=True)
-        xc = x - mu
-        var = (xc * xc).mean(axis=-1, keepdims=True)
-        rstd = 1 / xp.sqrt(var + x.dtype.type(eps))              # (..., 1)
-        xhat = xc * rstd                                         # (..., C)
+        else:
+            y, xhat, rstd = _layer_norm(ctx.xp, x, weight, bias, eps)
         ctx.save_for_backward(xhat, rstd, weight)
-        y = xhat * weight
-        if bias is not None:
-            y += bias
         return y
 
     @staticmethod
-    def backward(ctx, g):
-        # y = x̂ w + b, x̂ = (x - μ) r, r = 1/√(σ² + ε):
-        # dx = r (dx̂ - mean(dx̂) - x̂ mean(dx̂ x̂)), dx̂ = g w;  dw = Σ g x̂;  db = Σ g
+    def backward(ctx, g):  # dx (above), dw = Σ g x̂, db = Σ g: sums over every row
         xhat, rstd, w = ctx.saved_tensors
         nx, nw, *nb = ctx.needs_input_grad
         C = xhat.shape[-1]
         gx = gw = gb = None
         want_db = bool(nb and nb[0])
-        if nx and ctx.device.name == "cpu":                      # dw and db come from the same pass
+        fused = kernels.fused(ctx.device, g, xhat, w) if nx else None
+        if fused == "cpu":                                       # dw and db come from the same pass
             gx, gw, gb = cpu_kernels.layer_norm_backward(g, xhat, rstd, w, bool(nw), want_db)
             return (gx, gw, gb, None) if nb else (gx, gw)
-        if nx and cuda_kernels.fusable(ctx.device, g, xhat, w):
+        if fused == "cuda":
             gx = cuda_kernels.layer_norm_backward_dx(g, xhat, rstd, w)
         elif nx:
-            dxhat = g * w
-            gx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
-                         - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+            gx = _layer_norm_grad_x(g, xhat, rstd, w)
         if nw:
             gw = unbroadcast((g * xhat).reshape(-1, C), (C,))
         if want_db:
             gb = unbroadcast(g.reshape(-1, C), (C,))
         return (gx, gw, gb, None) if nb else (gx, gw)
+
+
+# --- embedding --------------------------------------------------------------------------------------------
+def _embedding_grad(xp, idx, g, shape):
+    """dW[v] = Σ of g over every position whose id is v: ids (...) and g (..., C) -> (V, C), a scatter-add."""
+    gw = xp.zeros(shape, dtype=g.dtype)
+    backend.scatter_add(xp, gw, idx.reshape(-1), g.reshape(-1, shape[1]))
+    return gw
 
 
 class Embedding(Function):
@@ -106,13 +141,11 @@ class Embedding(Function):
         return weight[idx]                                       # (..., C)
 
     @staticmethod
-    def backward(ctx, g):  # dW[v] = Σ of g over every position whose id is v (a scatter-add)
+    def backward(ctx, g):
         idx, shape = ctx.saved_tensors
-        if ctx.device.name == "cpu":                             # sort + segment sums
+        if kernels.fused(ctx.device, g) == "cpu":                # the same sums: sort + segment sums
             return None, cpu_kernels.embedding_backward(idx, g, shape[0])
-        gw = ctx.xp.zeros(shape, dtype=g.dtype)
-        backend.scatter_add(ctx.xp, gw, idx.reshape(-1), g.reshape(-1, shape[1]))
-        return None, gw
+        return None, _embedding_grad(ctx.xp, idx, g, shape)
 
 
 class Dropout(Function):

@@ -17,13 +17,21 @@ lr × weight_decay here.)
 
 The last line is computed as PyTorch does, which is algebraically the same:
     denom = √v_t / √(1 − β2^t) + ε;   θ ← θ − (α / (1 − β1^t)) · m_t / denom
+
+Reference first, kernel second: `_update_param` is that math, one parameter at a time, on any device.
+`_update_group` hands the parameters a fused kernel can take to it instead (`kernels.fused`: "cpu", all
+of them in one blocked, threaded pass, tinygpt/cpu_kernels.py; "cuda", one launch each,
+tinygpt/cuda/kernels.py). TINYGPT_KERNELS=reference runs `_update_param` for all (tinygpt/kernels.py).
 """
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from tinygpt import cpu_kernels, cuda_kernels
+import numpy as np
+
+from tinygpt import cpu_kernels, kernels
+from tinygpt.cuda import kernels as cuda_kernels
 from tinygpt.optim.optimizer import Optimizer
 from tinygpt.tensor import Tensor
 
@@ -51,24 +59,6 @@ class Adam(Optimizer):
         if not group["weight_decay"] >= 0.0:
             raise ValueError(f"{name}: weight_decay must be >= 0, got {group['weight_decay']}")
 
-    def _update_group(self, items: list, group: dict) -> None:
-        """CPU float32 parameters go through one blocked, threaded kernel (cpu_kernels.adam_step) and CUDA
-        ones through one fused kernel each (cuda_kernels.adam_step), with the same equations as
-        `_update_param`; anything else is updated one parameter at a time."""
-        hyper = dict(lr=float(group["lr"]), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
-                     eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-                     decoupled=self.decoupled_weight_decay)
-        done: set[int] = set()
-        for device, kernels in (("cpu", cpu_kernels), ("cuda", cuda_kernels)):
-            batch = [(p, s) for p, s in items if p.device.name == device
-                     and kernels.adam_fusable(p.data, p.grad, s["exp_avg"], s["exp_avg_sq"])]
-            if batch:
-                kernels.adam_step([(p.data, p.grad, s["exp_avg"], s["exp_avg_sq"], s["step"])
-                                   for p, s in batch], **hyper)
-                done.update(id(p) for p, _ in batch)
-        if len(done) < len(items):
-            super()._update_group([(p, s) for p, s in items if id(p) not in done], group)
-
     def _init_state(self, p: Tensor) -> dict:
         xp = p.device.xp
         return {"step": 0,
@@ -76,6 +66,7 @@ class Adam(Optimizer):
                 "exp_avg_sq": xp.zeros_like(p.data)}   # v_0 = 0
 
     def _update_param(self, p: Tensor, grad: Any, state: dict, group: dict) -> None:
+        """The reference: the equations of the module docstring, in place, on any device."""
         xp = p.device.xp
         lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
         beta1, beta2 = float(group["betas"][0]), float(group["betas"][1])
@@ -103,6 +94,39 @@ class Adam(Optimizer):
         update = xp.divide(m, denom, out=tmp)          # θ_t = θ_{t-1} − (α / (1 − β1^t)) m_t / denom
         update *= lr / bias_correction1                #     = θ_{t-1} − α m̂_t / (√v̂_t + ε)
         theta -= update
+
+    def _update_group(self, items: list, group: dict) -> None:
+        """The same equations as `_update_param`, fused where `kernels.fused` says so: CPU parameters
+        (C-contiguous float32) all in one cpu_kernels.adam_step, CUDA ones one kernel launch each."""
+        hyper = dict(lr=float(group["lr"]), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
+                     eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                     decoupled=self.decoupled_weight_decay)
+        batches: dict = {"cpu": [], "cuda": []}
+        reference = []
+        for p, s in items:
+            arrays = (p.data, p.grad, s["exp_avg"], s["exp_avg_sq"])
+            fused = kernels.fused(p.device, *arrays) if _alike(arrays) else None
+            if fused == "cpu" and not (p.data.dtype == np.float32 and _c_contiguous(p.data, *arrays[2:])):
+                fused = None                       # the CPU kernel updates float32 blocks of flat views
+            if fused:
+                batches[fused].append((*arrays, s["step"]))
+            else:
+                reference.append((p, s))
+        if batches["cpu"]:
+            cpu_kernels.adam_step(batches["cpu"], **hyper)
+        if batches["cuda"]:
+            cuda_kernels.adam_step(batches["cuda"], **hyper)
+        if reference:
+            super()._update_group(reference, group)
+
+
+def _alike(arrays: tuple) -> bool:
+    """θ, its gradient and its state arrays all of one shape and dtype (what the fused kernels take)."""
+    return all(a.shape == arrays[0].shape and a.dtype == arrays[0].dtype for a in arrays[1:])
+
+
+def _c_contiguous(*arrays: Any) -> bool:
+    return all(a.flags.c_contiguous for a in arrays)
 
 
 class AdamW(Adam):

@@ -16,67 +16,20 @@ corrections) are Python floats computed from the host's step counter, and the on
 device (cross-entropy's upstream gradient and count of valid targets) are read inside the kernel. So a
 training step queues its kernels and never waits for the GPU.
 
-This module does not import CuPy; it asks `tinygpt.backend` for it when a kernel is first built.
-Set TINYGPT_CUDA_FUSED=0 (or call `set_enabled(False)`, or use `with disabled():`) to run the generic
-CuPy code instead, e.g. to compare the two.
+This module does not import CuPy; it asks `tinygpt.backend` for it when a kernel is first built. The ops
+call these functions when `tinygpt.kernels.fused` answers "cuda"; TINYGPT_KERNELS=reference (or
+`with tinygpt.kernels.disabled():`) runs the ops' reference math instead, e.g. to compare the two.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np  # host-side scalars and dtype names only, never called on a device array
 
 from tinygpt import backend
-from tinygpt.cuda.amp import LossScaler, get_matmul_precision, matmul, set_matmul_precision  # noqa: F401
-from tinygpt.cuda.sources import (SUPPORTED_DTYPES, ctype, elementwise_spec, row_launch,
-                                  row_module_source)
-
-_enabled = os.environ.get("TINYGPT_CUDA_FUSED", "1").strip() != "0"
-
-
-# --- when to use the fused kernels ----------------------------------------------------------------------
-def enabled() -> bool:
-    return _enabled
-
-
-def set_enabled(flag: bool) -> None:
-    """Turn the fused kernels on or off for every op (the generic CuPy code runs when off)."""
-    global _enabled
-    _enabled = bool(flag)
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """`with disabled():` runs the generic CuPy code, e.g. to check a fused kernel against it."""
-    global _enabled
-    old, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = old
-
-
-def fusable(device: Any, *arrays: Any) -> bool:
-    """Take the fused path? Only on "cuda", when enabled, and when every array is a supported float."""
-    return (_enabled and getattr(device, "name", device) == "cuda"
-            and all(getattr(getattr(a, "dtype", None), "name", None) in SUPPORTED_DTYPES for a in arrays))
-
-
-def softmax_fusable(device: Any, x: Any, axis: int) -> bool:
-    """The softmax kernels work on the last axis of a non-empty array."""
-    return fusable(device, x) and x.ndim >= 1 and axis in (-1, x.ndim - 1) and x.size > 0
-
-
-def adam_fusable(theta: Any, grad: Any, *state: Any) -> bool:
-    """Can `adam_step` update this parameter? (a CUDA float array; its gradient and state arrays of the
-    same shape and dtype)"""
-    return (grad is not None and backend.device_of(theta).name == "cuda" and fusable("cuda", theta)
-            and all(getattr(a, "shape", None) == theta.shape and getattr(a, "dtype", None) == theta.dtype
-                    for a in (grad, *state)))
+from tinygpt.cuda.sources import ctype, elementwise_spec, row_launch, row_module_source
 
 
 # --- building the kernels (once per dtype) --------------------------------------------------------------
