@@ -26,6 +26,11 @@ __all__ = ["ConfigError", "BigramLanguageModel", "GPTConfig", "GPT", "KVCache", 
            "sample_next"]
 
 
+# tinygpt.viz.capture_attention sets this to a function (attention module, q, k) while it records; None
+# otherwise, so the check below is all it costs.
+attention_probe = None
+
+
 class ConfigError(ValueError):
     """A model config or preset that cannot work (unknown preset, n_embd not divisible by n_head, ...)."""
 
@@ -172,6 +177,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]                                            # (B, nh, T, hs) each
         if cache is not None:
             k, v = cache.append(layer, k, v)                      # (B, nh, Tk, hs): this step's and earlier
+        if attention_probe is not None:                           # viz.capture_attention is recording
+            attention_probe(self, q, k)
         # softmax(q kᵀ / √hs, causal) v; queries are the last T of the Tk positions
         y = F.scaled_dot_product_attention(q, k, v, causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
