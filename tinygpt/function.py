@@ -56,6 +56,8 @@ def unbroadcast(grad: Any, shape: tuple) -> Any:
 class Function:
     """Base class for an op. Subclasses define static `forward(ctx, *arrays)` and `backward(ctx, grad)`."""
 
+    retained: tuple = ()    # weak references to the output Tensor when it called retain_grad()
+
     def __init__(self, xp: Any, device: Any, parents: tuple, needs_input_grad: tuple):
         self.xp = xp                                # the array module of this op's device
         self.device = device

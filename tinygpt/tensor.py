@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from typing import Any, Iterator
 
 import numpy as np
 
-from tinygpt import backend
+from tinygpt import autograd, backend
 
 _state = threading.local()
 
@@ -128,9 +129,19 @@ class Tensor:
         return len(self.data)
 
     def __repr__(self) -> str:
-        grad = ", requires_grad=True" if self.requires_grad else ""
-        dev = f", device={self.device.name!r}" if self.device.name != "cpu" else ""
-        return f"tensor({backend.to_numpy(self.data)!r}{dev}{grad})".replace("\n", "\n       ")
+        """As torch prints: tensor([[1., 2.]], grad_fn=<MatMul>), dtype shown unless float32/int64/bool."""
+        arr = backend.to_numpy(self.data)
+        whole = arr.dtype.kind != "f" or not arr.size or bool(np.all(np.mod(arr[np.isfinite(arr)], 1) == 0))
+        body = np.array2string(arr, separator=", ", prefix="tensor(", threshold=1000, edgeitems=3,
+                               precision=4, floatmode="maxprec" if whole else "fixed")
+        extras = [f"device={self.device.name!r}"] if self.device.name != "cpu" else []
+        if arr.dtype not in (np.float32, np.int64, np.bool_):
+            extras.append(f"dtype={arr.dtype}")
+        if self._ctx is not None:
+            extras.append(f"grad_fn=<{type(self._ctx).__name__}>")
+        elif self.requires_grad:
+            extras.append("requires_grad=True")
+        return "tensor(" + ", ".join([body] + extras) + ")"
 
     # --- moving and detaching ---------------------------------------------------------------------
     def numpy(self) -> np.ndarray:
@@ -146,12 +157,23 @@ class Tensor:
     def tolist(self) -> Any:
         return self.numpy().tolist()
 
-    def to(self, device: Any) -> "Tensor":
-        """This tensor on `device` ("cpu" or "cuda"): itself when already there, else a new leaf."""
-        dev = backend.get_device(device)
-        if dev is self.device:
-            return self
-        return Tensor(backend.to_device(self.data, dev), requires_grad=self.requires_grad)
+    def to(self, device: Any = None, dtype: Any = None) -> "Tensor":
+        """This tensor on `device` ("cpu" or "cuda") and/or as `dtype`: t.to("cuda"), t.to(tinygpt.float),
+        t.to(device, dtype=...). Itself when nothing changes; moving makes a new leaf; a cast stays on the
+        graph."""
+        if dtype is None and device is not None and _is_dtype(device):
+            device, dtype = None, device
+        out = self
+        if device is not None:
+            dev = backend.get_device(device)
+            if dev is not self.device:
+                out = Tensor(backend.to_device(self.data, dev), requires_grad=self.requires_grad)
+        if dtype is not None and np.dtype(dtype) != out.dtype:
+            out = ops.cast(out, dtype)
+        return out
+
+    def cpu(self) -> "Tensor":
+        return self.to("cpu")
 
     def detach(self) -> "Tensor":
         """The same data, cut off from the graph."""
@@ -168,73 +190,58 @@ class Tensor:
 
     # --- backward ---------------------------------------------------------------------------------
     def backward(self, grad: Any = None, retain_graph: bool = False) -> None:
-        """Accumulate d(self)/d(leaf) into every leaf's `.grad` that requires grad.
+        """Accumulate d(self)/d(leaf) into every leaf's `.grad` that requires grad: the chain rule, node
+        by node from `self` back to the leaves (the bookkeeping is in tinygpt/autograd.py).
 
         `grad` is d(loss)/d(self); it defaults to 1 for a one-element tensor.
         """
+        grad = self._seed_grad(grad)
+        root = self._ctx if self._ctx is not None else self
+        grads = autograd.Gradients(root, grad)     # node -> dL/d(node's output), summed over its uses
+        handed = {id(grad)}                         # arrays given to a .grad: never give one out twice
+        for node in autograd.topological_order(root, _is_leaf):
+            g = grads.pop(node)                     # dL/d(this node's output), all uses added up
+            if g is None:
+                continue
+            if isinstance(node, Tensor):            # a leaf: its gradient is the answer
+                autograd.accumulate_leaf(node, g, handed)
+                continue
+            if node.retained:                       # its output asked for .grad with retain_grad()
+                autograd.retain(node.retained, g)
+            in_grads = autograd.call_backward(node, g, retain_graph)   # dL/d(inputs) = local rule · g
+            for parent, pg in zip(node.parents, in_grads):
+                if parent is not None and pg is not None:
+                    grads.add(node, parent, pg)
+            if not retain_graph:                    # free what forward saved: it is not needed again
+                node.saved, node.parents, node.freed = None, (), True
+
+    def _seed_grad(self, grad: Any) -> Any:
+        """d(self)/d(self): ones for a one-element tensor, or the given `grad` checked against self."""
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad: no input of the "
                                "ops that made it had requires_grad=True (or it was made under no_grad)")
-        xp = self.device.xp
         if grad is None:
             if self.data.size != 1:
                 raise RuntimeError(f"backward() without a grad needs a one-element tensor, got shape "
                                    f"{self.shape}; pass grad= of the same shape")
-            grad = xp.ones(self.shape, dtype=self.dtype)
-        else:
-            grad = _to_array(grad, self.device, self.dtype)
-            if grad.shape != self.shape:
-                raise ValueError(f"backward(grad): grad has shape {grad.shape}, tensor has {self.shape}")
-        root = self._ctx if self._ctx is not None else self
-        grads = {id(root): grad}
-        handed = {id(grad)}  # ids of arrays given to a leaf's .grad in this call: never alias two
-        owned: set = set()   # ids of sums this loop made and alone holds: safe to add into in place
-        for node in _toposort(root):
-            g = grads.pop(id(node), None)
-            if g is None:
-                continue
-            owned.discard(id(g))
-            if isinstance(g, SparseGrad):
-                g = g.dense()
-            if isinstance(node, Tensor):  # a leaf
-                _accumulate_leaf(node, g, handed)
-                continue
-            if node.freed:
-                raise RuntimeError(
-                    f"backward through {type(node).__name__} a second time: its saved arrays were "
-                    "freed; call backward(retain_graph=True) the first time")
-            node.last_use = not retain_graph
-            in_grads = type(node).backward(node, g)
-            if not isinstance(in_grads, tuple):
-                in_grads = (in_grads,)
-            if len(in_grads) != len(node.parents):
-                raise RuntimeError(f"{type(node).__name__}.backward returned {len(in_grads)} gradients "
-                                   f"for {len(node.parents)} inputs")
-            for parent, pg in zip(node.parents, in_grads):
-                if parent is None or pg is None:
-                    continue
-                shape, dtype = ((parent.shape, parent.dtype) if isinstance(parent, Tensor)
-                                else (parent.out_shape, parent.out_dtype))
-                if pg.shape != shape:
-                    raise RuntimeError(f"{type(node).__name__}.backward returned a gradient of shape "
-                                       f"{pg.shape} for an input of shape {shape}")
-                if pg.dtype != dtype:
-                    pg = pg.astype(dtype)
-                key = id(parent)
-                prev = grads.get(key)
-                if prev is None:
-                    grads[key] = pg
-                elif id(prev) in owned:                   # a sum made below: add into it
-                    if isinstance(pg, SparseGrad):
-                        pg.add_to(prev)
-                    else:
-                        prev += pg
-                else:
-                    total = _sum_grads(prev, pg)
-                    grads[key] = total
-                    owned.add(id(total))
-            if not retain_graph:
-                node.saved, node.parents, node.freed = None, (), True
+            return self.device.xp.ones(self.shape, dtype=self.dtype)
+        grad = _to_array(grad, self.device, self.dtype)
+        if grad.shape != self.shape:
+            raise ValueError(f"backward(grad): grad has shape {grad.shape}, tensor has {self.shape}")
+        return grad
+
+    def retain_grad(self) -> None:
+        """Keep this (non-leaf) tensor's gradient in `.grad` after backward(), as torch does: to print the
+        gradient that flows into a layer. A leaf keeps its gradient anyway."""
+        if not self.requires_grad:
+            raise RuntimeError("retain_grad() on a tensor that does not require grad: it gets no gradient")
+        if self._ctx is not None and not any(r() is self for r in self._ctx.retained):
+            self._ctx.retained = self._ctx.retained + (weakref.ref(self),)
+
+    @property
+    def grad_fn(self) -> Any:
+        """The op (a Function) that made this tensor; None for a leaf or a tensor made under no_grad."""
+        return self._ctx
 
     # --- operators (the ops themselves live in tinygpt/ops) ------------------------------------------
     def __add__(self, other): return ops.add(self, other)
@@ -251,11 +258,15 @@ class Tensor:
     def __rmatmul__(self, other): return ops.matmul(other, self)
     def __getitem__(self, index): return ops.getitem(self, index)
 
-    # comparisons give bool tensors with no graph (masks)
+    # comparisons give bool tensors with no graph (masks); == and != too, as in torch (so a Tensor
+    # hashes by identity: `t in some_set` compares ids, never values)
     def __lt__(self, other): return Tensor._make(self.data < _raw(other), self.device, None)
     def __le__(self, other): return Tensor._make(self.data <= _raw(other), self.device, None)
     def __gt__(self, other): return Tensor._make(self.data > _raw(other), self.device, None)
     def __ge__(self, other): return Tensor._make(self.data >= _raw(other), self.device, None)
+    def __eq__(self, other): return Tensor._make(self.data == _raw(other), self.device, None)
+    def __ne__(self, other): return Tensor._make(self.data != _raw(other), self.device, None)
+    __hash__ = object.__hash__
 
     def neg(self): return ops.neg(self)
     def exp(self): return ops.exp(self)
@@ -263,94 +274,180 @@ class Tensor:
     def sqrt(self): return ops.sqrt(self)
     def tanh(self): return ops.tanh(self)
     def relu(self): return ops.relu(self)
-    def sum(self, axis=None, keepdims=False): return ops.sum(self, axis, keepdims)
-    def mean(self, axis=None, keepdims=False): return ops.mean(self, axis, keepdims)
-    def max(self, axis=None, keepdims=False): return ops.max(self, axis, keepdims)
     def reshape(self, *shape): return ops.reshape(self, *shape)
     def view(self, *shape): return ops.reshape(self, *shape)
     def transpose(self, dim0=-2, dim1=-1): return ops.transpose(self, dim0, dim1)
-    def permute(self, *axes): return ops.permute(self, *axes)
+    def permute(self, *dims): return ops.permute(self, *dims)
+    def masked_fill(self, mask, value): return ops.masked_fill(self, mask, value)
+    def tril(self, diagonal=0): return ops.tril(self, diagonal)
+    def triu(self, diagonal=0): return ops.triu(self, diagonal)
 
     @property
     def T(self):
         return ops.permute(self, *reversed(range(self.ndim)))
+
+    # --- reductions: torch's dim=/keepdim= (NumPy's axis=/keepdims= work too) --------------------------
+    def sum(self, dim=None, keepdim=False, *, axis=None, keepdims=None):
+        return ops.sum(self, *_dim(dim, axis, keepdim, keepdims))
+
+    def mean(self, dim=None, keepdim=False, *, axis=None, keepdims=None):
+        return ops.mean(self, *_dim(dim, axis, keepdim, keepdims))
+
+    def var(self, dim=None, unbiased=True, keepdim=False, *, correction=None, axis=None, keepdims=None):
+        """Variance, unbiased (÷ (n - 1)) by default as in torch; correction=0 (or unbiased=False) ÷ n."""
+        ax, keep = _dim(dim, axis, keepdim, keepdims)
+        return ops.var(self, ax, (1 if unbiased else 0) if correction is None else correction, keep)
+
+    def std(self, dim=None, unbiased=True, keepdim=False, *, correction=None, axis=None, keepdims=None):
+        """√var, unbiased by default as in torch."""
+        return ops.sqrt(self.var(dim, unbiased, keepdim, correction=correction, axis=axis, keepdims=keepdims))
+
+    def max(self, dim=None, keepdim=False, *, axis=None, keepdims=None):
+        """Torch's meaning: x.max() is the largest element; x.max(dim) is (values, indices), a named
+        tuple. NumPy's x.max(axis=...) gives the values alone."""
+        if dim is None:
+            return ops.max(self, *_dim(None, axis, keepdim, keepdims))
+        return ops.max_with_indices(self, *_dim(dim, None, keepdim, keepdims))
+
+    def min(self, dim=None, keepdim=False, *, axis=None, keepdims=None):
+        """As max(): x.min() a tensor, x.min(dim) (values, indices)."""
+        if dim is None:
+            return ops.min(self, *_dim(None, axis, keepdim, keepdims))
+        return ops.min_with_indices(self, *_dim(dim, None, keepdim, keepdims))
+
+    def argmax(self, dim=None, keepdim=False):
+        """Index of the largest element (of the flattened tensor when dim is None); int64, no gradient."""
+        return ops.argmax(self, dim, keepdim)
+
+    def argmin(self, dim=None, keepdim=False):
+        return ops.argmax(-self.detach(), dim, keepdim)
+
+    def softmax(self, dim=-1): return ops.softmax(self, dim)
+    def log_softmax(self, dim=-1): return ops.log_softmax(self, dim)
+
+    # --- shapes and numbers, torch's names -------------------------------------------------------------
+    def numel(self) -> int:
+        return int(self.data.size)
+
+    def dim(self) -> int:
+        return self.data.ndim
+
+    def contiguous(self) -> "Tensor":
+        return self
+
+    def unsqueeze(self, dim: int) -> "Tensor":
+        d = dim % (self.ndim + 1)
+        return ops.reshape(self, self.shape[:d] + (1,) + self.shape[d:])
+
+    def squeeze(self, dim: Any = None) -> "Tensor":
+        if dim is None:
+            return ops.reshape(self, tuple(s for s in self.shape if s != 1))
+        d = dim % max(self.ndim, 1)
+        return ops.reshape(self, self.shape[:d] + self.shape[d + 1:]) if self.shape[d] == 1 else self
+
+    def flatten(self) -> "Tensor":
+        return ops.reshape(self, (-1,))
+
+    def float(self) -> "Tensor":
+        """As float32 (differentiable: the gradient is cast back)."""
+        return ops.cast(self, np.float32)
+
+    def double(self) -> "Tensor":
+        return ops.cast(self, np.float64)
+
+    def long(self) -> "Tensor":
+        """As int64 (integers take no gradient)."""
+        return ops.cast(self, np.int64)
+
+    def int(self) -> "Tensor":
+        return ops.cast(self, np.int32)
+
+    def bool(self) -> "Tensor":
+        return ops.cast(self, np.bool_)
+
+    def type(self, dtype: Any) -> "Tensor":
+        return ops.cast(self, dtype)
+
+    def clone(self) -> "Tensor":
+        """A copy that stays on the graph (the gradient flows back to self)."""
+        return ops.cast(self, self.dtype)
+
+    def __iter__(self):
+        if self.ndim == 0:
+            raise TypeError("iteration over a 0-d tensor")
+        for i in range(self.shape[0]):
+            yield self[i]
+
+    def __bool__(self) -> bool:
+        if self.data.size != 1:
+            raise RuntimeError(f"the truth value of a tensor with {self.data.size} elements is ambiguous; "
+                               "use .any() or .all()")
+        return bool(self.item())
+
+    def __float__(self) -> float:
+        return float(self.item())
+
+    def __int__(self) -> int:
+        return int(self.item())
+
+    def __index__(self) -> int:
+        """An integer tensor of one element used as an index or a slice bound: data[i:i + 8]."""
+        if self.dtype.kind not in "iub" or self.data.size != 1:
+            raise TypeError(f"only integer tensors of one element can be used as an index, not "
+                            f"{self.dtype} of shape {self.shape}")
+        return int(self.item())
+
+    def __format__(self, spec: str) -> str:
+        """f"{loss:.4f}" formats a one-element tensor as its number; an empty spec gives str(t)."""
+        if not spec:
+            return str(self)
+        if self.data.size != 1:
+            raise TypeError(f"cannot format a tensor of shape {self.shape} with {spec!r}; "
+                            "only one-element tensors take a format spec")
+        return format(self.item(), spec)
+
+    def any(self) -> "Tensor":
+        return Tensor._make(self.data.any(), self.device, None)
+
+    def all(self) -> "Tensor":
+        return Tensor._make(self.data.all(), self.device, None)
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        """t[index] = value, in place, outside the graph: xbow[b, t] = x[b, :t + 1].mean(0).
+
+        Allowed on tensors that do not require grad, and under no_grad (to initialise weights).
+        """
+        if self.requires_grad and is_grad_enabled():
+            raise RuntimeError("in-place assignment t[...] = v into a tensor that requires grad would "
+                               "change a value the graph depends on; do it under tinygpt.no_grad(), or on "
+                               "a tensor that does not require grad (e.g. t.detach().clone())")
+        if isinstance(value, Tensor):
+            value = value.data
+        self.data[ops.shape.index_arrays(index, self.device.xp)] = backend.to_device(value, self.device) \
+            if hasattr(value, "dtype") else value
+
+
+def _dim(dim: Any, axis: Any, keepdim: bool, keepdims: Any) -> tuple:
+    """(axis, keepdims) from torch's dim/keepdim or NumPy's axis/keepdims, whichever was given."""
+    if dim is not None and axis is not None:
+        raise TypeError("give dim (torch) or axis (NumPy), not both")
+    return (axis if dim is None else dim), bool(keepdim if keepdims is None else keepdims)
 
 
 def _raw(x: Any) -> Any:
     return x.data if isinstance(x, Tensor) else x
 
 
-def _toposort(root: Any) -> list:
-    """Nodes reachable from `root`, each after every node that consumes it (iterative DFS)."""
-    order, visited, stack = [], set(), [(root, False)]
-    while stack:
-        node, done = stack.pop()
-        if done:
-            order.append(node)
-            continue
-        if id(node) in visited:
-            continue
-        visited.add(id(node))
-        stack.append((node, True))
-        if not isinstance(node, Tensor):
-            for p in node.parents:
-                if p is not None and id(p) not in visited:
-                    stack.append((p, False))
-    order.reverse()  # root first
-    return order
+def _is_dtype(x: Any) -> bool:
+    """A dtype given where a device could be: np.dtype, a NumPy scalar type or tinygpt.float etc."""
+    return isinstance(x, np.dtype) or (isinstance(x, type) and issubclass(x, np.generic))
 
 
-class SparseGrad:
-    """A gradient that is zero except at `index`, where it is `values`: what indexing's backward returns.
-
-    Slices of one tensor (q, k, v = qkv[0], qkv[1], qkv[2]) then add into a single zero-filled buffer,
-    instead of each making a full zero array that is summed afterwards. `basic`: the index only picks
-    a view (ints, slices), so no element repeats; otherwise repeated indices add up (a scatter-add).
-    """
-    __slots__ = ("xp", "shape", "index", "values", "basic")
-
-    def __init__(self, xp: Any, shape: tuple, index: Any, values: Any, basic: bool):
-        self.xp, self.shape, self.index, self.values, self.basic = xp, tuple(shape), index, values, basic
-
-    @property
-    def dtype(self) -> Any:
-        return self.values.dtype
-
-    def astype(self, dtype: Any) -> "SparseGrad":
-        return SparseGrad(self.xp, self.shape, self.index, self.values.astype(dtype), self.basic)
-
-    def add_to(self, buf: Any) -> Any:
-        """buf[index] += values, in place; returns buf."""
-        if self.basic:
-            buf[self.index] += self.values
-        else:
-            backend.scatter_add(self.xp, buf, self.index, self.values)
-        return buf
-
-    def dense(self) -> Any:
-        return self.add_to(self.xp.zeros(self.shape, dtype=self.values.dtype))
+def _is_leaf(node: Any) -> bool:
+    return isinstance(node, Tensor)
 
 
-def _sum_grads(a: Any, b: Any) -> Any:
-    """a + b as a new array, for dense arrays and SparseGrads alike."""
-    if isinstance(a, SparseGrad):
-        a, b = b, a
-    if isinstance(a, SparseGrad):
-        return b.add_to(a.dense())
-    if isinstance(b, SparseGrad):
-        return b.add_to(a.copy())
-    return a + b
-
-
-def _accumulate_leaf(leaf: Tensor, g: Any, handed: set) -> None:
-    """leaf.grad += g. A fresh .grad never aliases another leaf's or a view of another array."""
-    if leaf.grad is None:
-        if id(g) in handed or getattr(g, "base", None) is not None:
-            g = g.copy()
-        handed.add(id(g))
-        leaf.grad = g
-    else:
-        leaf.grad += g
+SparseGrad = autograd.SparseGrad   # indexing's backward returns one (tinygpt/ops/shape.py)
 
 
 from tinygpt import ops  # noqa: E402  (ops import Tensor; the operators above call into them)
