@@ -19,6 +19,7 @@ import numpy as np
 
 import tinygpt
 import tinygpt.functional as F
+import tinygpt.nn.functional as NF   # torch's signatures (the lecture's `F`)
 
 
 @dataclass
@@ -358,5 +359,47 @@ case("mlp_block", lambda x, w1, w2, g: F.layer_norm(x + F.linear(F.gelu(F.linear
      lambda T, x, w1, w2, g: T.nn.functional.layer_norm(
          x + T.nn.functional.linear(T.nn.functional.gelu(T.nn.functional.linear(x, w1)), w2), (4,), g)
      .sum(-1))
+
+# torch-style names and meanings (the lecture's calls): dim/keepdim, var/std unbiased, casts, triangles
+case("sum(dim,keepdim)", lambda x: x.sum(1, keepdim=True), randn((3, 4)), lambda x: x.sum(1, keepdims=True),
+     lambda T, x: x.sum(1, keepdim=True))
+case("mean(dim=0)", lambda x: tinygpt.mean(x, 0), randn((3, 4)), lambda x: x.mean(0), lambda T, x: T.mean(x, 0))
+case("var", lambda x: x.var(), randn((3, 4)), lambda x: x.var(ddof=1), lambda T, x: x.var())
+case("var(dim,keepdim)", lambda x: x.var(1, keepdim=True), randn((3, 5)), lambda x: x.var(1, ddof=1, keepdims=True),
+     lambda T, x: x.var(1, keepdim=True))
+case("var_correction0", lambda x: x.var(dim=(0, 2), correction=0), randn((2, 3, 4)),
+     lambda x: x.var((0, 2)), lambda T, x: x.var(dim=(0, 2), correction=0))
+case("std", lambda x: x.std(0), randn((4, 3)), lambda x: x.std(0, ddof=1), lambda T, x: x.std(0))
+case("max(dim).values", lambda x: x.max(1).values, randn((3, 5)), lambda x: x.max(1),
+     lambda T, x: x.max(1).values)
+case("max()", lambda x: x.max(), randn((3, 5)), np.max, lambda T, x: x.max())
+case("min(dim,keepdim).values", lambda x: x.min(0, keepdim=True).values, randn((3, 5)),
+     lambda x: x.min(0, keepdims=True), lambda T, x: x.min(0, keepdim=True).values)
+case("clone", lambda x: x.clone() * x, randn((3, 4)), lambda x: x * x, lambda T, x: x.clone() * x)
+case("tril", lambda x: tinygpt.tril(x), randn((4, 4)), np.tril, lambda T, x: T.tril(x))
+case("triu(1)_batched", lambda x: x.triu(1), randn((2, 3, 4)), lambda x: np.triu(x, 1),
+     lambda T, x: x.triu(1))
+case("masked_fill_method", lambda x: x.masked_fill(tinygpt.tril(tinygpt.ones_like(x)) == 0, float("-inf"))
+     .softmax(-1), randn((2, 4, 4)), lambda x: np_softmax(np.where(np.tril(np.ones((4, 4))) == 0, -np.inf, x)),
+     lambda T, x: x.masked_fill(T.tril(T.ones(4, 4)) == 0, float("-inf")).softmax(-1))
+case("unsqueeze_squeeze", lambda x: x.unsqueeze(1).squeeze(1) * x.unsqueeze(-1).squeeze(), randn((3, 4)),
+     lambda x: x * x, lambda T, x: x.unsqueeze(1).squeeze(1) * x.unsqueeze(-1).squeeze())
+case("cat(dim=1)", lambda a, b: tinygpt.cat((a, b), dim=1), randn((2, 3), (2, 2)),
+     lambda a, b: np.concatenate([a, b], 1), lambda T, a, b: T.cat((a, b), dim=1))
+case("NF.softmax(dim)", lambda x: NF.softmax(x, dim=0), randn((3, 4)), lambda x: np_softmax(x, 0),
+     lambda T, x: T.softmax(x, dim=0))
+case("NF.layer_norm", lambda x, w, b: NF.layer_norm(x, (5,), w, b), randn((2, 3, 5), (5,), (5,)),
+     np_layer_norm, lambda T, x, w, b: T.nn.functional.layer_norm(x, (5,), w, b))
+case("NF.layer_norm_no_affine", lambda x: NF.layer_norm(x, 4), randn((3, 4)),
+     lambda x: np_layer_norm(x, np.ones(4)), lambda T, x: T.nn.functional.layer_norm(x, (4,)))
+case("NF.cross_entropy_dim1", lambda z, t: NF.cross_entropy(z.permute(0, 2, 1), t), _ce_inputs((2, 3), 5),
+     np_cross_entropy, lambda T, z, t: T.nn.functional.cross_entropy(z.permute(0, 2, 1), t))
+case("NF.cross_entropy_sum", lambda z, t: NF.cross_entropy(z, t, reduction="sum"),
+     _ce_inputs((6,), 5, ignore=(2,), ignore_index=-100),
+     lambda z, t: np_cross_entropy(z, t, -100) * 5,
+     lambda T, z, t: T.nn.functional.cross_entropy(z, t, reduction="sum"))
+case("NF.cross_entropy_none", lambda z, t: NF.cross_entropy(z, t, reduction="none"), _ce_inputs((4,), 3),
+     lambda z, t: -np_log_softmax(z)[np.arange(4), t],
+     lambda T, z, t: T.nn.functional.cross_entropy(z, t, reduction="none"))
 
 CASE_IDS = [c.name for c in CASES]

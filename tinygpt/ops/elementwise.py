@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from tinygpt.function import Function, unbroadcast
 from tinygpt.tensor import Tensor
 
@@ -101,6 +103,18 @@ class Pow(Function):
         return g * ctx.p * a ** (ctx.p - 1), None
 
 
+class Cast(Function):
+    @staticmethod
+    def forward(ctx, a, dtype):
+        ctx.save_for_backward(a.dtype)
+        return a.astype(dtype)                      # always a copy (also to the same dtype: clone())
+
+    @staticmethod
+    def backward(ctx, g):  # the identity, in the input's dtype
+        (dtype,) = ctx.saved_tensors
+        return g.astype(dtype, copy=False), None
+
+
 class Neg(Function):
     @staticmethod
     def forward(ctx, a):
@@ -185,6 +199,14 @@ def pow(a: Tensor, exponent: float) -> Tensor:
     e = float(exponent)
     p = int(e) if e.is_integer() else a.dtype.type(e)
     return Pow.apply(a, p)
+
+
+def cast(a: Tensor, dtype: Any) -> Tensor:
+    """a as `dtype` (a new array). Differentiable between float dtypes; no gradient to or from integers."""
+    dtype = np.dtype(dtype)
+    if a.dtype.kind != "f" or dtype.kind != "f":
+        return Tensor._make(a.data.astype(dtype), a.device, None)
+    return Cast.apply(a, dtype)
 
 
 def neg(a: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""Ops that move elements without changing them: reshape, transpose, permute, indexing, cat, stack.
+"""Ops that move elements without changing them: reshape, transpose, permute, indexing, cat, stack,
+and tril/triu, which keep a triangle and zero the rest.
 
 Their backward moves the gradient back the same way: reshape it back, apply the inverse permutation,
 or scatter it into a zero array (adding, so repeated indices accumulate).
@@ -9,6 +10,7 @@ from typing import Any, Sequence
 
 from tinygpt import backend
 from tinygpt.function import Function
+from tinygpt.ops.nn import where
 from tinygpt.tensor import SparseGrad, Tensor
 
 
@@ -39,9 +41,12 @@ class Permute(Function):
         return g.transpose(inverse), None
 
 
-def _index_arrays(index: Any, xp: Any) -> Any:
-    """Tensor, list and host-array indices as arrays of this device (ints, slices, None, ... unchanged)."""
+def index_arrays(index: Any, xp: Any) -> Any:
+    """Tensor, list and host-array indices as arrays of this device; a one-element integer Tensor as a
+    slice bound (data[i:i + 8]) becomes an int; ints, slices, None, ... pass unchanged."""
     def one(i):
+        if isinstance(i, slice) and any(isinstance(v, Tensor) for v in (i.start, i.stop, i.step)):
+            return slice(*(None if v is None else v.__index__() for v in (i.start, i.stop, i.step)))
         if isinstance(i, Tensor):
             i = i.data
         if isinstance(i, list) or (hasattr(i, "dtype") and backend.get_array_module(i) is not xp):
@@ -124,18 +129,42 @@ def transpose(a: Tensor, dim0: int = -2, dim1: int = -1) -> Tensor:
 
 def getitem(a: Tensor, index: Any) -> Tensor:
     """a[index] with ints, slices, None, ... and integer (or bool) arrays / Tensors / lists."""
-    return GetItem.apply(a, _index_arrays(index, a.device.xp))
+    return GetItem.apply(a, index_arrays(index, a.device.xp))
 
 
-def cat(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
-    """Join tensors along an existing axis."""
+def cat(tensors: Sequence[Tensor], dim: int = 0, *, axis: int | None = None) -> Tensor:
+    """Join tensors along an existing axis: cat((idx, idx_next), dim=1). `axis=` is NumPy's name for dim."""
+    tensors = list(tensors)
     if not tensors:
         raise ValueError("cat: needs at least one tensor")
-    return Cat.apply(*tensors, axis=axis)
+    return Cat.apply(*tensors, axis=dim if axis is None else axis)
 
 
-def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
-    """Join same-shaped tensors along a new axis."""
+def stack(tensors: Sequence[Tensor], dim: int = 0, *, axis: int | None = None) -> Tensor:
+    """Join same-shaped tensors along a new axis: stack([data[i:i + T] for i in ix]) -> (B, T)."""
+    tensors = list(tensors)
     if not tensors:
         raise ValueError("stack: needs at least one tensor")
-    return Stack.apply(*tensors, axis=axis)
+    shapes = {t.shape for t in tensors}
+    if len(shapes) > 1:
+        raise ValueError(f"stack: every tensor needs the same shape, got {sorted(shapes)}")
+    return Stack.apply(*tensors, axis=dim if axis is None else axis)
+
+
+def _triangle(a: Tensor, diagonal: int, upper: bool, name: str) -> Tensor:
+    if a.ndim < 2:
+        raise ValueError(f"{name}: needs at least 2 dimensions, got shape {a.shape}")
+    n, m = a.shape[-2:]
+    xp = a.device.xp
+    keep = (xp.triu if upper else xp.tril)(xp.ones((n, m), dtype=bool), k=int(diagonal))   # (n, m)
+    return where(keep, a, 0)                # the gradient flows to the kept triangle only
+
+
+def tril(a: Tensor, diagonal: int = 0) -> Tensor:
+    """The lower triangle of the last two axes (j <= i + diagonal), zeros above: tril(ones(T, T))."""
+    return _triangle(a, diagonal, False, "tril")
+
+
+def triu(a: Tensor, diagonal: int = 0) -> Tensor:
+    """The upper triangle of the last two axes (j >= i + diagonal), zeros below."""
+    return _triangle(a, diagonal, True, "triu")
