@@ -17,6 +17,7 @@ float32 on the host, then moves to the layer's device:
 """
 from tinygpt.nn.layers import GELU, Dropout, Embedding, LayerNorm, Linear, ModuleList, ReLU, Sequential
 from tinygpt.nn.module import IncompatibleKeys, Module, Parameter, StateDictError
+from tinygpt.nn import functional, init  # noqa: F401  (nn.functional: torch's signatures; nn.init)
 
 __all__ = ["Parameter", "Module", "StateDictError", "IncompatibleKeys", "Linear", "Embedding", "LayerNorm",
-           "Dropout", "ReLU", "GELU", "Sequential", "ModuleList"]
+           "Dropout", "ReLU", "GELU", "Sequential", "ModuleList", "functional", "init"]

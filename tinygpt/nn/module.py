@@ -47,6 +47,8 @@ class Module:
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", {})   # name -> Parameter | None
         object.__setattr__(self, "_modules", {})      # name -> Module | None
+        object.__setattr__(self, "_buffers", {})      # name -> Tensor | None: state that is not trained
+        object.__setattr__(self, "_non_persistent", set())   # buffer names left out of state_dict
         object.__setattr__(self, "training", True)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -85,6 +87,25 @@ class Module:
 
     add_module = register_module
 
+    def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
+        """Keep `tensor` as state that is not a parameter: it moves with .to(), is saved in state_dict
+        (unless persistent=False), and no optimizer sees it, e.g. the causal mask
+        self.register_buffer("tril", tinygpt.tril(tinygpt.ones(T, T)))."""
+        self._registries()
+        if tensor is not None and not isinstance(tensor, Tensor):
+            raise TypeError(f"cannot register a {type(tensor).__name__} as buffer {name!r}: it must be a Tensor "
+                            "(or None)")
+        if isinstance(tensor, Parameter):
+            raise TypeError(f"buffer {name!r} is a Parameter: register it with register_parameter instead")
+        self.__dict__["_parameters"].pop(name, None)
+        self.__dict__["_modules"].pop(name, None)
+        self.__dict__["_buffers"][name] = tensor
+        if persistent:
+            self.__dict__["_non_persistent"].discard(name)
+        else:
+            self.__dict__["_non_persistent"].add(name)
+        object.__setattr__(self, name, tensor)
+
     def __setattr__(self, name: str, value: Any) -> None:
         if isinstance(value, Parameter):
             self.register_parameter(name, value)
@@ -102,11 +123,17 @@ class Module:
                 params[name] = None
             elif name in modules:
                 modules[name] = None
+            elif name in self.__dict__.get("_buffers", ()):
+                if value is not None and not isinstance(value, Tensor):
+                    raise TypeError(f"cannot assign a {type(value).__name__} to buffer {name!r}: assign a Tensor "
+                                    "or None")
+                self.__dict__["_buffers"][name] = value
             object.__setattr__(self, name, value)
 
     def __delattr__(self, name: str) -> None:
         self.__dict__["_parameters"].pop(name, None)
         self.__dict__["_modules"].pop(name, None)
+        self.__dict__.get("_buffers", {}).pop(name, None)
         object.__delattr__(self, name)
 
     # --- walking the tree -----------------------------------------------------------------------------
@@ -156,6 +183,17 @@ class Module:
         for _, p in self.named_parameters():
             yield p
 
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
+        """(dotted name, buffer) pairs for this module and every sub-module."""
+        for mod_name, m in self.named_modules(prefix):
+            for name, b in m.__dict__.get("_buffers", {}).items():
+                if b is not None:
+                    yield (f"{mod_name}.{name}" if mod_name else name), b
+
+    def buffers(self) -> Iterator[Tensor]:
+        for _, b in self.named_buffers():
+            yield b
+
     def num_parameters(self) -> int:
         """The number of scalars in the unique parameters (a tied weight counts once)."""
         return sum(p.size for p in self.parameters())
@@ -178,8 +216,9 @@ class Module:
         return self.train(False)
 
     def to(self, device: Any) -> Module:
-        """Move every parameter (and its grad) to `device` in place: the Parameter objects stay the same, so
-        an optimizer that holds them still works (create its state after moving). Returns self."""
+        """Move every parameter (and its grad) and every buffer to `device` in place: the Parameter objects
+        stay the same, so an optimizer that holds them still works (create its state after moving).
+        Returns self."""
         dev = backend.get_device(device)
         for p in self.parameters():
             if p.device is not dev:
@@ -187,6 +226,10 @@ class Module:
                 if p.grad is not None:
                     p.grad = backend.to_device(p.grad, dev)
                 p.device = dev
+        for m in self.modules():
+            for name, b in list(m.__dict__.get("_buffers", {}).items()):
+                if b is not None and b.device is not dev:
+                    setattr(m, name, b.to(dev))
         return self
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -199,13 +242,23 @@ class Module:
 
     # --- state dicts ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
-        """name -> a host NumPy copy of the parameter. Tied parameters appear under every name, like torch.
-        On CUDA this copies from the device (a sync): it is meant for checkpoints."""
+        """name -> a host NumPy copy of each parameter and persistent buffer. Tied parameters appear under
+        every name, like torch. On CUDA this copies from the device (a sync): it is meant for checkpoints."""
         out = {}
-        for name, p in self.named_parameters(remove_duplicate=False):
-            host = backend.to_numpy(p.data)
-            out[name] = host.copy() if host is p.data else host
+        for name, t in self._state_items():
+            host = backend.to_numpy(t.data)
+            out[name] = host.copy() if host is t.data else host
         return out
+
+    def _state_items(self) -> list[tuple[str, Tensor]]:
+        """What state_dict holds: every parameter (under each of its names), then the persistent buffers."""
+        items = list(self.named_parameters(remove_duplicate=False))
+        for mod_name, m in self.named_modules():
+            skip = m.__dict__.get("_non_persistent", ())
+            for name, b in m.__dict__.get("_buffers", {}).items():
+                if b is not None and name not in skip:
+                    items.append(((f"{mod_name}.{name}" if mod_name else name), b))
+        return items
 
     def load_state_dict(self, state_dict: dict, strict: bool = True) -> IncompatibleKeys:
         """Copy arrays (NumPy, device arrays or Tensors) into the parameters, in place on their device.
@@ -217,7 +270,7 @@ class Module:
         if not isinstance(state_dict, dict):
             raise StateDictError(f"load_state_dict: expected a dict of name -> array, got "
                                  f"{type(state_dict).__name__}")
-        own = dict(self.named_parameters(remove_duplicate=False))
+        own = dict(self._state_items())
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
         if strict and (missing or unexpected):
