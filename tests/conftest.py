@@ -1,13 +1,9 @@
 """Shared fixtures: the `device` fixture runs a test on "cpu", and on "cuda" only when CuPy sees a GPU."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import tinygpt
 from tinygpt import backend
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 _DEVICES = [
     "cpu",
@@ -29,13 +25,6 @@ def rng():
 @pytest.fixture(autouse=True)
 def _seed():
     tinygpt.manual_seed(0)
-
-
-@pytest.fixture
-def shakespeare_path():
-    if not SHAKESPEARE.exists():
-        pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE}")
-    return SHAKESPEARE
 
 
 def torch_or_skip():

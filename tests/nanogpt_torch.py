@@ -19,7 +19,7 @@ tinygpt's forward on the same N batches per split for every run (default 200, de
 and prints the means and their standard errors: one yardstick for runs of either framework and any seed,
 without the 20-batch evaluation's noise (standard error ~0.015).
 
-Both need the Tiny Shakespeare file in ../shared/data; `train` needs PyTorch (tests only, never tinygpt).
+Both read the packaged Tiny Shakespeare; `train` needs PyTorch (tests only, never tinygpt).
 """
 import argparse
 import math
@@ -27,6 +27,7 @@ import sys
 
 import numpy as np
 
+import tinygpt.data
 from tinygpt.models import GPTConfig
 
 CPU_RUN = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
@@ -123,10 +124,7 @@ def init_like_nanogpt(torch, model, n_layer: int) -> None:
 def shakespeare_ids():
     """data/shakespeare_char/prepare.py: sorted characters as the vocabulary, first 90% train, the rest val.
     Returns (vocabulary, train ids, val ids)."""
-    from conftest import SHAKESPEARE
-    if not SHAKESPEARE.is_file():
-        raise SystemExit(f"nanogpt_torch: Tiny Shakespeare not found at {SHAKESPEARE}")
-    text = SHAKESPEARE.read_text(encoding="utf-8")
+    text = tinygpt.data.shakespeare_text()    # the packaged copy
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
     ids = np.array([stoi[c] for c in text], dtype=np.uint16)

@@ -4,18 +4,16 @@ import json
 import re
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinygpt import tokenizers
+from tinygpt import data, tokenizers
 from tinygpt.tokenizers import SPLIT_PATTERN, BPETokenizer, CharTokenizer, TokenizerError
 from tinygpt.tokenizers.bpe import _merge
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 
 STRESS = ("Hello, world! It's 2026; we're   testing__snake_case.\n\n"
           "héllo ñandú e\u0301 日本語のテキスト 中文字符 한국어 עברית العربية\r\n"
@@ -29,9 +27,7 @@ TRAIN_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n
 
 @pytest.fixture(scope="module")
 def shakespeare_text():
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE}")
-    return SHAKESPEARE.read_text(encoding="utf-8")
+    return data.shakespeare_text()          # the packaged copy: always there, checked by its sha256
 
 
 @pytest.fixture(scope="module")
