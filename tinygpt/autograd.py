@@ -70,10 +70,6 @@ class SparseGrad:
         return self.add_to(self.xp.zeros(self.shape, dtype=self.values.dtype))
 
 
-def dense(g: Any) -> Any:
-    return g.dense() if isinstance(g, SparseGrad) else g
-
-
 class Gradients:
     """d(root)/d(node) for the nodes that backward has reached but not yet visited, summed over uses.
 
@@ -89,11 +85,14 @@ class Gradients:
         """The total gradient of `node` (None if none reached it), removed from the table."""
         g = self._grads.pop(id(node), None)
         self._owned.discard(id(g))
-        return dense(g)
+        return g.dense() if type(g) is SparseGrad else g
 
     def add(self, op: Any, parent: Any, g: Any) -> None:
         """Add `g`, the gradient that `op`'s backward returned for its input `parent`."""
-        shape, dtype = parent_shape_dtype(parent)
+        if hasattr(parent, "out_shape"):                # made by an op: the shape and dtype it returned
+            shape, dtype = parent.out_shape, parent.out_dtype
+        else:                                           # a leaf Tensor
+            shape, dtype = parent.data.shape, parent.data.dtype
         if g.shape != shape:
             raise RuntimeError(f"{type(op).__name__}.backward returned a gradient of shape {g.shape} "
                                f"for an input of shape {shape}")
@@ -112,13 +111,6 @@ class Gradients:
             total = _sum(prev, g)
             self._grads[key] = total
             self._owned.add(id(total))
-
-
-def parent_shape_dtype(parent: Any) -> tuple:
-    """The shape and dtype of an op's input: a leaf Tensor's own, or what the op that made it returned."""
-    if hasattr(parent, "out_shape"):
-        return parent.out_shape, parent.out_dtype
-    return parent.shape, parent.dtype
 
 
 def _sum(a: Any, b: Any) -> Any:
