@@ -80,7 +80,8 @@ def test_allclose_uses_torch_tolerances():
 def test_format_item_tolist_numel_and_argmax():
     t = torch.tensor([[1.0, 5.0, 2.0], [7.0, 0.0, 1.0]])
     loss = t.mean()
-    assert f"{loss:.4f}" == "2.6667" and f"{loss}" == str(loss)
+    assert f"{loss:.4f}" == "2.6667" and f"{loss}" == str(loss.item())   # a 0-d tensor formats as its number
+    assert f"{t}" == str(t)                                                # others as their repr
     assert t.numel() == 6 and t.dim() == 2 and t.tolist()[1] == [7.0, 0.0, 1.0]
     assert t.argmax().item() == 3 and t.argmax(1).tolist() == [1, 0]
     assert t.argmax(dim=0, keepdim=True).shape == (1, 3)
