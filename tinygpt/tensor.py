@@ -398,7 +398,11 @@ class Tensor:
         return int(self.item())
 
     def __format__(self, spec: str) -> str:
-        """f"{loss:.4f}" formats a one-element tensor as its number; an empty spec gives str(t)."""
+        """f"{loss:.4f}" formats a one-element tensor as its number. As in torch, a 0-d tensor formats as
+        its number with any spec (f"the target: {y[t]}" prints 47, while print(y[t]) shows tensor(47));
+        any other tensor with an empty spec gives str(t)."""
+        if self.ndim == 0:
+            return format(self.item(), spec)
         if not spec:
             return str(self)
         if self.data.size != 1:
