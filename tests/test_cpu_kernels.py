@@ -1,6 +1,8 @@
 """The blocked, threaded NumPy kernels against plain NumPy transcriptions of the same math.
 
-Sizes straddle the block and threading thresholds; each kernel runs with 1 and 2 threads.
+Sizes straddle the block threshold; each kernel runs with 1 thread (inline: the test sizes are below
+MIN_PARALLEL) and with 2 threads, where MIN_PARALLEL is lowered to 1 so that every call goes through the
+thread pool, and the fixture checks that it did. test_threading_threshold checks the real threshold.
 """
 import math
 
@@ -10,10 +12,46 @@ import pytest
 from tinygpt import cpu_kernels as K
 
 
+class _CountingPool:
+    """Wraps the kernels' ThreadPoolExecutor and counts what is submitted to it."""
+
+    def __init__(self, pool):
+        self.pool, self.submitted = pool, 0
+
+    def submit(self, fn, *args):
+        self.submitted += 1
+        return self.pool.submit(fn, *args)
+
+
+@pytest.fixture
+def pool_spy(monkeypatch):
+    """The pool the kernels get, counted; None until they ask for one (a single thread never does)."""
+    spy = {"pool": None}
+    real = K._get_pool
+
+    def counted():
+        pool = real()
+        if pool is None:
+            return None
+        if spy["pool"] is None or spy["pool"].pool is not pool:
+            spy["pool"] = _CountingPool(pool)
+        return spy["pool"]
+
+    monkeypatch.setattr(K, "_get_pool", counted)
+    monkeypatch.setattr(K, "_limit", None)                   # no cap left behind by another test
+    return spy
+
+
 @pytest.fixture(params=["1", "2"])
-def threads(request, monkeypatch):
+def threads(request, monkeypatch, pool_spy):
     monkeypatch.setenv("TINYGPT_NUM_THREADS", request.param)
-    return int(request.param)
+    n = int(request.param)
+    if n > 1:
+        monkeypatch.setattr(K, "MIN_PARALLEL", 1)            # every call is shared out, even the tiny ones
+    yield n
+    pool = pool_spy["pool"]
+    submitted = 0 if pool is None else pool.submitted
+    assert (submitted > 0) == (n > 1), f"{submitted} pool submissions with {n} threads"
 
 
 SIZES = [(7,), (3, 5000), (70000,), (2, 3, 40001)]
@@ -143,3 +181,20 @@ def test_parallel_blocks_covers_every_index_once(threads):
     K.parallel_blocks(lambda lo, hi: rows.__setitem__(slice(lo, hi), rows[lo:hi] + 1 + (lo % 64 != 0) * 100),
                       rows.size, block=300, align=64, item_size=100)
     assert (rows == 1).all()                              # aligned: every block starts on a multiple of 64
+
+
+def test_threading_threshold(pool_spy, monkeypatch):
+    """With 2 threads, work below MIN_PARALLEL elements stays inline and work at it is shared out."""
+    monkeypatch.setenv("TINYGPT_NUM_THREADS", "2")
+    seen = np.zeros(K.MIN_PARALLEL, np.int32)
+
+    def fn(lo, hi):
+        seen[lo:hi] += 1
+
+    K.parallel_blocks(fn, K.MIN_PARALLEL - 1)
+    assert pool_spy["pool"] is None or pool_spy["pool"].submitted == 0
+    K.parallel_blocks(fn, K.MIN_PARALLEL)
+    assert pool_spy["pool"].submitted == 1                   # the other half runs on the calling thread
+    assert (seen[:-1] == 2).all() and seen[-1] == 1
+    K.parallel_blocks(fn, 64, item_size=K.MIN_PARALLEL // 64)            # 64 rows of 16K: shared out too
+    assert pool_spy["pool"].submitted == 2

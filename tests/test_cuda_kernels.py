@@ -610,17 +610,23 @@ def host_cuda(monkeypatch, host_libs):
 @needs_cxx
 @pytest.mark.parametrize("dtype", HOST_DTYPES)
 @pytest.mark.parametrize("name", OP_CASES)
-def test_host_end_to_end_op_matches_cpu(name, dtype, host_cuda, rng):
+def test_host_end_to_end_op_matches_cpu_and_the_reference(name, dtype, host_cuda, rng):
+    """The CUDA kernels against the CPU op (its kernels) and against the op's reference math on the same
+    stand-in device (TINYGPT_KERNELS=reference's path)."""
     fn, _ = OP_CASES[name]
     arrays = [a.astype(dtype) if a.dtype.kind == "f" else a for a in _op_inputs(name, rng)]
-    out_cpu, grads_cpu = _run_both(fn, arrays, "cpu")
     out_gpu, grads_gpu = _run_both(fn, arrays, "cuda")
-    assert out_gpu.dtype == out_cpu.dtype
+    out_cpu, grads_cpu = _run_both(fn, arrays, "cpu")
+    with kernels.disabled():
+        out_ref, grads_ref = _run_both(fn, arrays, "cuda")
     tol = dict(rtol=2e-5, atol=2e-6) if dtype == "float32" else dict(rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(out_gpu, out_cpu, **tol)
-    for gc, gg in zip(grads_cpu, grads_gpu):
-        if gc is not None:
-            np.testing.assert_allclose(gg, gc, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
+    for out, grads in ((out_cpu, grads_cpu), (out_ref, grads_ref)):
+        assert out_gpu.dtype == out.dtype
+        np.testing.assert_allclose(out_gpu, out, **tol)
+        for gc, gg in zip(grads, grads_gpu):
+            assert (gc is None) == (gg is None)
+            if gc is not None:
+                np.testing.assert_allclose(gg, gc, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
 
 
 @needs_cxx
@@ -641,16 +647,18 @@ def test_host_end_to_end_adam_matches_cpu(opt_cls, wd, host_cuda, rng):
     w0 = rng.standard_normal((5, 3)).astype(np.float32)
     grads = [rng.standard_normal((5, 3)).astype(np.float32) for _ in range(3)]
     results = {}
-    for dev in ("cpu", "cuda"):
-        p = tinygpt.nn.Parameter(w0.copy())
-        if dev == "cuda":
-            p.device = backend.get_device("cuda")
-        opt = opt_cls([p], lr=0.01, weight_decay=wd)
-        for g in grads:
-            p.grad = g.copy()
-            opt.step()
-        results[dev] = np.asarray(p.data)
-    np.testing.assert_allclose(results["cuda"], results["cpu"], rtol=1e-6, atol=1e-7)
+    for dev, fused in (("cpu", True), ("cuda", True), ("cuda", False)):
+        with contextlib.nullcontext() if fused else kernels.disabled():
+            p = tinygpt.nn.Parameter(w0.copy())
+            if dev == "cuda":
+                p.device = backend.get_device("cuda")
+            opt = opt_cls([p], lr=0.01, weight_decay=wd)
+            for g in grads:
+                p.grad = g.copy()
+                opt.step()
+            results[dev, fused] = np.asarray(p.data)
+    np.testing.assert_allclose(results["cuda", True], results["cpu", True], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(results["cuda", True], results["cuda", False], rtol=1e-6, atol=1e-7)
 
 
 # =====================================================================================================
