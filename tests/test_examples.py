@@ -46,3 +46,43 @@ def test_bigram_example_learns(corpus, tmp_path):
 def test_gpt_example_trains_a_few_steps(corpus, tmp_path):
     out = run_example("gpt_shakespeare.py", "--data", corpus, "--max-iters", 20, tmp_path=tmp_path)
     assert "loss" in out.lower()
+
+
+def _has(module):
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def _is_png(path):
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_draw_graph_writes_dot_and_svg(tmp_path):
+    from tinygpt import viz
+    out = run_example("draw_graph.py", "--out", tmp_path / "g", tmp_path=tmp_path)
+    assert "L = -8.0; dL/da = 6.0" in out
+    dot = (tmp_path / "g" / "expression.dot").read_text()
+    assert "e = Mul" in dot and "grad 6.0000" in dot
+    assert "transformer.wte.weight, lm_head.weight" in (tmp_path / "g" / "gpt_loss.dot").read_text()
+    if viz.available_renderer("svg"):
+        assert "<svg" in (tmp_path / "g" / "gpt_loss.svg").read_text()
+
+
+def test_attention_map_draws_a_png(corpus, tmp_path):
+    out = run_example("attention_map.py", "--data", corpus, "--steps", 20, "--prompt", "ALICE: The night",
+                      "--out", tmp_path / "a", tmp_path=tmp_path)
+    assert out.count("looks most at") == 4                         # one line per head of the last layer
+    if _has("matplotlib"):
+        assert _is_png(tmp_path / "a" / "attention_map.png")
+
+
+def test_activation_stats_plots_two_snapshots(corpus, tmp_path):
+    out = run_example("activation_stats.py", "--data", corpus, "--steps", 2, "--out", tmp_path / "s",
+                      tmp_path=tmp_path)
+    assert "--- initialisation" in out and "--- after 2 steps" in out
+    assert out.count("(GELU)") == 8                                # 4 layers, 2 snapshots
+    if _has("matplotlib"):
+        assert _is_png(tmp_path / "s" / "activation_stats.png")

@@ -104,13 +104,15 @@ class ArrayStats:
 @dataclass
 class LayerStats:
     """One recorded module's output (B, T, C)-like tensor: its data, its gradient (None without backward),
-    and the fraction of |x| > `saturation` (0.97: makemore part 3's tanh measure)."""
+    and `saturated`, the fraction of |x| > `threshold`. With 0.97 that is makemore part 3's saturation of a
+    tanh layer (its gradient nearly 0 there); for other layers it is just the share of large values."""
     name: str
     module: str             # the class name: Block, GELU, ...
     shape: tuple
     data: ArrayStats
     grad: ArrayStats | None
     saturated: float
+    threshold: float
 
 
 class Recording(dict):
@@ -120,7 +122,7 @@ class Recording(dict):
         rows = []
         for s in self.values():
             row = (f"{s.name:28s} ({s.module}): mean {s.data.mean:+.4f}, std {s.data.std:.4f}, "
-                   f"saturated {100 * s.saturated:.2f}%")
+                   f"|x|>{s.threshold:g} {100 * s.saturated:.2f}%")
             if s.grad is not None:
                 row += f" | grad mean {s.grad.mean:+.3e}, std {s.grad.std:.3e}"
             rows.append(row)
@@ -176,7 +178,7 @@ def record_stats(model: nn.Module, modules: list[str] | None = None, bins: int =
             rec[name] = LayerStats(
                 name, type(found[name]).__name__, tuple(out.shape), ArrayStats.of(a, bins),
                 None if out.grad is None else ArrayStats.of(out.grad, bins),
-                float(backend.to_numpy((abs(a) > saturation).mean())))
+                float(backend.to_numpy((abs(a) > saturation).mean())), float(saturation))
         outputs.clear()
 
 
