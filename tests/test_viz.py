@@ -366,3 +366,23 @@ def test_param_stats_grad_to_data_ratio(rng):
     s = stats["transformer.h.0.mlp.c_fc.weight"]
     d, g = w.numpy().astype(np.float64), w.grad.astype(np.float64)
     assert s.ratio == pytest.approx(g.std() / d.std(), rel=1e-6) and s.data_std == pytest.approx(d.std())
+
+
+# --- the README's "see inside" code runs as written -------------------------------------------------------
+
+def test_readme_see_inside_runs_as_written(monkeypatch, tmp_path, capsys, rng):
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    body = readme.split("## For learners: see inside", 1)[1].split("\n## ", 1)[0]
+    graph_code, model_code = re.findall(r"```python\n(.*?)```", body, flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    if viz.available_renderer("svg") is None:                     # the README's render() needs one
+        graph_code = graph_code.replace('viz.render(L, "L.svg"', '(lambda *a, **k: None)(L, "L.svg"')
+    exec(compile(graph_code, "README.md:see inside", "exec"), {"__name__": "__readme__"})
+    out = capsys.readouterr().out
+    assert out.startswith("-2.0") and 'label="{ d = Add' in out
+    model = tiny_gpt(n_layer=2)
+    x, y = batch(rng)
+    exec(compile(model_code, "README.md:see inside", "exec"),
+         {"__name__": "__readme__", "viz": viz, "model": model, "idx": x, "x": x, "y": y})
+    assert "transformer.h.1.mlp.act" in capsys.readouterr().out
