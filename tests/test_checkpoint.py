@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from tinygpt import checkpoint, optim, tokenizers
+from tinygpt import checkpoint, models, optim, tokenizers
 from tinygpt.checkpoint import CheckpointError
 from tinygpt.models import GPT, BigramLanguageModel, GPTConfig
 
@@ -103,7 +103,7 @@ def test_failed_write_leaves_the_old_checkpoint_and_no_temp_files(tmp_path, monk
             f.write(b"\x00" * 100)
         raise OSError("disk full")
     monkeypatch.setattr(safetensors.numpy, "save_file", half_write)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(checkpoint.CheckpointWriteError, match="disk full"):
         checkpoint.save(path, m, opt, {"iter": 2})
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["c.safetensors"]
@@ -156,9 +156,126 @@ def test_missing_checkpoint_says_how_to_make_one(tmp_path):
         checkpoint.find_checkpoint(tmp_path)
 
 
-def test_checkpoint_with_wrong_shapes_for_its_config_is_rejected(tmp_path):
+def test_checkpoint_with_wrong_shapes_for_its_config_is_rejected(tmp_path, monkeypatch):
     m, opt = trained_pair()
     path = checkpoint.save(tmp_path / "c.safetensors", m, opt, {"model_config": {**m.config_dict(),
                                                                                   "n_embd": 32}})
-    with pytest.raises(CheckpointError, match="does not describe a usable model"):
+    monkeypatch.setattr(models, "model_from_config", never_called)
+    with pytest.raises(CheckpointError, match=r"does not add up: .*wte.weight has shape \(11, 32\), but the "
+                                              r"file holds shape \(11, 16\)"):
         checkpoint.load_model(path)
+
+
+def never_called(*a, **k):
+    raise AssertionError("a model was built from a header that does not match its tensors")
+
+
+def rewrite_meta(path, edit):
+    """Change the tinygpt JSON inside a saved file with `edit(meta)`; recompute the digest if `rehash`."""
+    header, raw = read_header(path)
+    n = struct.unpack("<Q", raw[:8])[0]
+    meta = json.loads(header["__metadata__"]["tinygpt"])
+    edit(meta)
+    header["__metadata__"]["tinygpt"] = json.dumps(meta)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+
+
+def rehash(meta, path):
+    """What a forger would do: a header edited with a digest that matches it (it is a checksum, not a
+    signature)."""
+    from safetensors.numpy import load_file
+    tensors = load_file(str(path))
+    meta["sha256"] = checkpoint._digest(tensors, meta)
+
+
+@pytest.mark.parametrize("claim", [dict(n_embd=1 << 20, n_layer=4096), dict(vocab_size=1 << 30),
+                                   dict(block_size=1 << 28), dict(n_layer=100_000)])
+def test_a_header_claiming_a_huge_model_allocates_nothing(tmp_path, monkeypatch, claim):
+    """Metadata (digest recomputed, so only the shape check can see it) that describes a model of terabytes:
+    refused from the tensors' shapes in well under a second, before model_from_config runs."""
+    m, opt = trained_pair()
+    path = checkpoint.save(tmp_path / "c.safetensors", m, opt, {"iter": 1})
+
+    def edit(meta):
+        meta["model_config"].update(claim)
+        rehash(meta, path)
+    rewrite_meta(path, edit)
+    monkeypatch.setattr(models, "model_from_config", never_called)
+    with pytest.raises(CheckpointError, match="does not add up") as e:
+        checkpoint.load_model(path)
+    assert "\n" not in str(e.value)
+
+
+def test_the_digest_covers_the_header(tmp_path):
+    """An edited header without a new digest is corrupt, like a flipped tensor byte (here the iteration:
+    a resumed run would otherwise continue from the wrong step)."""
+    m, opt = trained_pair()
+    path = checkpoint.save(tmp_path / "c.safetensors", m, opt, {"iter": 5})
+    assert checkpoint.load(path).iter == 5
+    rewrite_meta(path, lambda meta: meta.update(iter=6))
+    with pytest.raises(CheckpointError, match="corrupt: its tensors or header do not match"):
+        checkpoint.load(path)
+
+
+def test_version_1_checkpoints_still_load(tmp_path):
+    """Files written before the header was covered: version 1, a digest of the tensors alone."""
+    from safetensors.numpy import load_file
+    m, opt = trained_pair()
+    path = checkpoint.save(tmp_path / "c.safetensors", m, opt, {"iter": 3})
+    tensors = load_file(str(path))
+
+    def to_v1(meta):
+        del meta["sha256"]
+        meta.update(version=1, tensors_sha256=checkpoint._digest(tensors))
+    rewrite_meta(path, to_v1)
+    m2, _, ck = checkpoint.load_model(path)
+    assert ck.iter == 3 and ck.meta["version"] == 1
+    np.testing.assert_array_equal(m2.lm_head.weight.numpy(), m.lm_head.weight.numpy())
+    rewrite_meta(path, lambda meta: meta.update(version=3))
+    with pytest.raises(CheckpointError, match="format version 3"):
+        checkpoint.load(path)
+
+
+def test_tokenizer_that_does_not_match_the_embedding_is_refused(tmp_path, monkeypatch):
+    m, opt = trained_pair()                                           # vocab 11
+    path = checkpoint.save(tmp_path / "c.safetensors", m, opt, {"tokenizer": tokenizers.CharTokenizer(
+        "abcde").to_dict()})
+    monkeypatch.setattr(models, "model_from_config", never_called)
+    with pytest.raises(CheckpointError, match="char tokenizer of 5 tokens with a model whose embedding has "
+                                              "11 rows") as e:
+        checkpoint.load_model(path)
+    assert "\n" not in str(e.value)
+
+
+def test_write_error_keeps_the_errno_and_says_the_old_file_is_kept(tmp_path, monkeypatch):
+    """safetensors reports a full disk as a SafetensorError (not an OSError): it becomes one
+    CheckpointWriteError, an OSError with errno ENOSPC (the real full disk: tests/test_reliability.py)."""
+    import errno
+
+    import safetensors.numpy
+    m, opt = trained_pair()
+    path = checkpoint.save(tmp_path / "c.safetensors", m, opt, {"iter": 1})
+
+    class SafetensorError(Exception):
+        pass
+
+    def full(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"\x00" * 10)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    with pytest.raises(checkpoint.CheckpointWriteError) as e:
+        checkpoint.save(path, m, opt, {"iter": 2})
+    assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
+    assert "free some disk space" in str(e.value) and "unchanged" in str(e.value)
+    assert os.listdir(tmp_path) == ["c.safetensors"] and checkpoint.load(path).iter == 1
+
+
+def test_remove_stale_temps_removes_only_checkpoint_temps(tmp_path):
+    for name in [".ckpt_last.safetensors.abc.tmp", ".ckpt_best.safetensors.x1.tmp", "keep.tmp",
+                 "ckpt_last.safetensors", "log.jsonl"]:
+        (tmp_path / name).write_text("x")
+    removed = checkpoint.remove_stale_temps(tmp_path)
+    assert len(removed) == 2
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_last.safetensors", "keep.tmp", "log.jsonl"]

@@ -6,17 +6,25 @@ Layout of `ckpt_last.safetensors` / `ckpt_best.safetensors`:
               "optim.<index>.<key>"        optimizer arrays: exp_avg, exp_avg_sq (AdamW), momentum_buffer (SGD)
     metadata  "tinygpt": JSON with         format/version, model config, tokenizer, iteration, best val loss,
                                            RNG states, optimizer steps + param groups, schedule, run settings,
-                                           the aliases of tied weights, and a sha256 of every tensor's bytes
+                                           the aliases of tied weights, and "sha256": one digest over
+                                           the rest of this JSON and every tensor's name, dtype, shape, bytes
 
 There is no pickle anywhere: safetensors stores raw little-endian arrays and JSON, so loading a checkpoint
 cannot run code. Writes are atomic (temporary file in the same folder, fsync, rename, fsync the folder):
-a crash leaves either the old file or the new one, never half of one.
+a crash leaves either the old file or the new one, never half of one, and a write that fails (a full disk)
+is a CheckpointWriteError with the old file untouched and the temporary file gone.
+
+Loading checks the digest (so an edited header is as corrupt as a flipped tensor byte), then checks the
+model config in the header against the shapes of the tensors before any model is built (so a header that
+claims a model far larger than the file allocates nothing), and the tokenizer against the embedding.
 """
 from __future__ import annotations
 
+import errno as _errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +33,21 @@ from typing import Any
 import numpy as np
 
 FORMAT = "tinygpt-checkpoint"
-VERSION = 1
+VERSION = 2                 # 2: the digest covers the header too (1: tensors only, still read)
 LAST, BEST = "ckpt_last.safetensors", "ckpt_best.safetensors"
 
-__all__ = ["CheckpointError", "Checkpoint", "save", "load", "checkpoint_path", "find_checkpoint",
-           "load_model", "LAST", "BEST"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "Checkpoint", "save", "load", "checkpoint_path",
+           "find_checkpoint", "load_model", "check_model_config", "check_tokenizer", "remove_stale_temps",
+           "LAST", "BEST"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, corrupt, or does not fit the model."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint that could not be written (a full disk, an I/O error); the previous file is unchanged.
+    Both a CheckpointError and an OSError (`.errno` is set when the cause had one, e.g. ENOSPC)."""
 
 
 @dataclass
@@ -67,14 +81,46 @@ def find_checkpoint(out_dir: str | Path, prefer: str = "best") -> Path:
                           f"train one with: tinygpt train --out-dir {out_dir}")
 
 
-def _digest(tensors: dict[str, np.ndarray]) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every tensor in sorted name order."""
+def _digest(tensors: dict[str, np.ndarray], header: dict | None = None) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor in sorted name order, then (version 2) over
+    the header's canonical JSON without its "sha256" field."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         a = np.ascontiguousarray(tensors[name])
         h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
         h.update(a.tobytes())
+    if header is not None:
+        rest = {k: v for k, v in header.items() if k != "sha256"}
+        h.update(b"header;" + json.dumps(rest, sort_keys=True, separators=(",", ":")).encode())
     return h.hexdigest()
+
+
+def _write_error(path: Path, e: BaseException) -> CheckpointWriteError:
+    """One line for a failed write; keeps the errno of an OSError, or of a SafetensorError's 'os error N'."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    code = getattr(e, "errno", None)
+    if code is None:
+        found = re.search(r"os error (\d+)", msg)
+        code = int(found.group(1)) if found else None
+    hint = "free some disk space, then " if code in (_errno.ENOSPC, _errno.EDQUOT) else "fix that, then "
+    err = CheckpointWriteError(f"cannot write checkpoint {str(path)!r} ({msg}); the previous {path.name} "
+                               f"is unchanged; {hint}resume with: tinygpt train --resume --out-dir {path.parent}")
+    err.errno = code
+    return err
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that killed saves left in `folder` (".ckpt_last.safetensors.*.tmp");
+    call it only while no other process can be saving there (tinygpt train holds the out-dir's lock)."""
+    removed = []
+    for name in (LAST, BEST):
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:
@@ -123,17 +169,20 @@ def save(path: str | Path, model: Any, optimizer: Any = None, meta: dict | None 
         groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
                   for g in sd["param_groups"]]
         header["optimizer"] = {"type": type(optimizer).__name__, "state": scalars, "param_groups": groups}
-    header.update(format=FORMAT, version=VERSION, aliases=aliases, tensors_sha256=_digest(tensors))
+    header.update(format=FORMAT, version=VERSION, aliases=aliases)
+    header.pop("tensors_sha256", None)
     try:
+        header["sha256"] = _digest(tensors, json.loads(json.dumps(header, allow_nan=False)))
         text = json.dumps(header, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint metadata is not plain JSON ({e}); pass numbers, strings, "
                               f"lists and dicts only") from None
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    tmp = None
+    try:                             # SafetensorError (not an OSError) on a full disk: one error for all
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         save_file(tensors, tmp, metadata={"tinygpt": text})
         umask = os.umask(0)
         os.umask(umask)
@@ -141,10 +190,16 @@ def save(path: str | Path, model: Any, optimizer: Any = None, meta: dict | None 
         with open(tmp, "rb+") as f:                               # flush the bytes to the disk
             os.fsync(f.fileno())
         os.replace(tmp, path)                                     # atomic on POSIX and Windows
+        tmp = None
         _fsync_dir(path.parent)                                   # ... and make the rename durable
+    except Exception as e:
+        raise _write_error(path, e) from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp is not None and os.path.exists(tmp):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
     return path
 
 
@@ -175,11 +230,14 @@ def load(path: str | Path) -> Checkpoint:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a tinygpt checkpoint (format "
                               f"{meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {str(path)!r} has format version {meta.get('version')!r}; "
-                              f"this tinygpt reads version {VERSION}")
-    if meta.get("tensors_sha256") != _digest(tensors):
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its tensors do not match the "
+    version = meta.get("version")
+    if version not in (1, VERSION):
+        raise CheckpointError(f"checkpoint {str(path)!r} has format version {version!r}; "
+                              f"this tinygpt reads versions 1 and {VERSION}")
+    ok = (meta.get("tensors_sha256") == _digest(tensors) if version == 1
+          else meta.get("sha256") == _digest(tensors, meta))
+    if not ok:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its tensors or header do not match the "
                               f"checksum in its header; delete it or resume from the other checkpoint")
 
     try:
@@ -187,7 +245,52 @@ def load(path: str | Path) -> Checkpoint:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"checkpoint {str(path)!r} has a malformed header "
                               f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if "model_config" in meta:
+        check_model_config(meta["model_config"], model_state, path)
     return Checkpoint(meta=meta, model_state=model_state, optim_state=optim_state, path=path)
+
+
+def check_model_config(config: Any, model_state: dict, path: Any = None) -> None:
+    """Before a model is built from `config` ({"model": "gpt"|"bigram", ...}): the sizes that decide its
+    memory (vocab, channels, context, layers) must be those of the tensors in `model_state`, so a header
+    that claims a far larger model than the file holds is refused without allocating. CheckpointError."""
+    where = f"checkpoint {str(path)!r}" if path is not None else "the checkpoint"
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where} has a malformed model config ({type(config).__name__}, not a dict)")
+    kind = config.get("model")
+    try:
+        if kind == "bigram":
+            V = int(config["vocab_size"])
+            expect = {"token_embedding_table.weight": (V, V)}
+        elif kind == "gpt":
+            V, C, T, L = (int(config[k]) for k in ("vocab_size", "n_embd", "block_size", "n_layer"))
+            expect = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (T, C)}
+        else:
+            return                                               # model_from_config names the problem
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where} has a malformed model config ({type(e).__name__}: {e})") from None
+    for name, shape in expect.items():
+        a = model_state.get(name)
+        if a is None or tuple(a.shape) != shape:
+            held = "no such tensor" if a is None else f"shape {tuple(a.shape)}"
+            raise CheckpointError(f"{where} does not add up: its header describes a {kind} model whose "
+                                  f"{name} has shape {shape}, but the file holds {held}; the file is "
+                                  f"damaged or was edited")
+    if kind == "gpt":
+        layers = {k.split(".")[2] for k in model_state if k.startswith("transformer.h.")}
+        if layers != {str(i) for i in range(L)}:
+            raise CheckpointError(f"{where} does not add up: its header describes {L} transformer blocks, "
+                                  f"but the file holds {len(layers)}; the file is damaged or was edited")
+
+
+def check_tokenizer(tokenizer: Any, config: dict, path: Any = None) -> None:
+    """The tokenizer's ids must be exactly the rows of the model's embedding: CheckpointError if not."""
+    V = config.get("vocab_size") if isinstance(config, dict) else None
+    if tokenizer is not None and tokenizer.vocab_size != V:
+        where = f"checkpoint {str(path)!r}" if path is not None else "the checkpoint"
+        raise CheckpointError(f"{where} pairs a {tokenizer.kind} tokenizer of {tokenizer.vocab_size} tokens "
+                              f"with a model whose embedding has {V} rows; they must agree (the file is "
+                              f"damaged, or was assembled from two runs)")
 
 
 def _unpack(tensors: dict, meta: dict) -> tuple[dict, dict | None]:
@@ -214,13 +317,21 @@ def load_model(path_or_dir: str | Path, device: Any = None, prefer: str = "best"
 
     p = Path(path_or_dir)
     ckpt = load(find_checkpoint(p, prefer) if p.is_dir() else p)
+    if "model_config" not in ckpt.meta:
+        raise CheckpointError(f"checkpoint {str(ckpt.path)!r} does not describe a usable model (its header "
+                              f"has no model_config)")
+    try:
+        tok = tokenizers.from_dict(ckpt.meta["tokenizer"]) if "tokenizer" in ckpt.meta else None
+    except tokenizers.TokenizerError as e:
+        raise CheckpointError(f"checkpoint {str(ckpt.path)!r} has no usable tokenizer "
+                              f"({' '.join(str(e).split())})") from None
+    check_tokenizer(tok, ckpt.meta["model_config"], ckpt.path)       # before building anything
     try:
         model = models.model_from_config(ckpt.meta["model_config"])
         model.load_state_dict(ckpt.model_state, strict=True)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} does not describe a usable model "
                               f"({' '.join(str(e).split())})") from None
-    tok = tokenizers.from_dict(ckpt.meta["tokenizer"]) if "tokenizer" in ckpt.meta else None
     if device is not None:
         model.to(device)
     return model, tok, ckpt
