@@ -36,14 +36,89 @@ def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     return out
 
 
+#: Patterns run as they are. Any other split pattern (it may come from a tokenizer file or a checkpoint)
+#: must pass _check_linear first, so that no file can make encoding backtrack for ever.
+KNOWN_PATTERNS = (SPLIT_PATTERN,)
+_MAX_PATTERN_LEN = 1000
+_MAX_BACKTRACK = 256        # alternatives a branch may try at one position (optional pieces multiply it)
+_ONE_CHAR = {"LITERAL", "NOT_LITERAL", "IN", "ANY", "CATEGORY"}
+_REPEATS = {"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"}
+
+
+def _one_char(items) -> bool:
+    """Does this parsed piece match exactly one character (a literal, a class, or alternatives of those)?"""
+    if len(items) != 1:
+        return False
+    op, av = items[0]
+    name = str(op)
+    return (name in _ONE_CHAR or (name == "BRANCH" and all(_one_char(alt) for alt in av[1]))
+            or (name == "SUBPATTERN" and _one_char(av[-1])))
+
+
+def _fixed_cost(items) -> int | None:
+    """How many ways a repeat-free piece can match at one position (optional characters double it), or
+    None when it holds an unbounded repeat, a back-reference or anything else this check does not know."""
+    cost = 1
+    for op, av in items:
+        name = str(op)
+        if name in _ONE_CHAR or name == "AT":
+            continue
+        if name == "BRANCH":
+            alts = [_fixed_cost(alt) for alt in av[1]]
+            part = None if None in alts else sum(alts)
+        elif name == "SUBPATTERN":
+            part = _fixed_cost(av[-1])
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            part = _fixed_cost(av[1])
+        elif name in _REPEATS and av[1] <= 1 and _one_char(av[2]):
+            part = 2                                     # an optional character
+        else:
+            part = None
+        if part is None:
+            return None
+        cost *= part
+    return cost
+
+
+def _check_linear(pattern: str, parsed) -> None:
+    """Accept only alternatives made of fixed pieces that end in at most one repeated character (class):
+    such a pattern tries a bounded number of ways per position and never backtracks into a repeat, so
+    findall runs in time linear in the text (the class of \\w+|\\s+|[^\\w\\s]+). TokenizerError if not."""
+    branches = parsed[0][1][1] if len(parsed) == 1 and str(parsed[0][0]) == "BRANCH" else [parsed]
+    for items in branches:
+        items = list(items)
+        if items and str(items[-1][0]) in _REPEATS and _one_char(items[-1][1][2]):
+            items = items[:-1]                           # the one repeat, at the very end
+        cost = _fixed_cost(items)
+        if cost is None or cost > _MAX_BACKTRACK:
+            shown = pattern if len(pattern) <= 80 else pattern[:77] + "..."
+            raise TokenizerError(f"split pattern {shown!r} could make encoding backtrack for a very long "
+                                 f"time, so it is not run: besides tinygpt's own pattern, a pattern must be "
+                                 f"alternatives of fixed pieces, each ending in at most one repeated "
+                                 f"character class, e.g. r'\\w+|\\s+|[^\\w\\s]+'")
+
+
 def _compile_pattern(pattern: str) -> re.Pattern:
+    if not isinstance(pattern, str) or len(pattern) > _MAX_PATTERN_LEN:
+        raise TokenizerError(f"the split pattern must be a str of at most {_MAX_PATTERN_LEN} characters, got "
+                             f"{type(pattern).__name__} of length {len(pattern) if isinstance(pattern, str) else '?'}")
     try:
         compiled = re.compile(pattern)
-    except re.error as e:
+        if pattern not in KNOWN_PATTERNS:
+            _check_linear(pattern, _sre_parse(pattern, compiled.flags))
+    except (re.error, RecursionError) as e:
         raise TokenizerError(f"invalid split pattern {pattern!r}: {e}") from None
     if compiled.groups:
         raise TokenizerError(f"split pattern {pattern!r} has capturing groups; use (?:...)")
     return compiled
+
+
+def _sre_parse(pattern: str, flags: int):
+    try:
+        from re import _parser as sre_parse            # Python 3.11+
+    except ImportError:                                 # pragma: no cover - older Pythons
+        import sre_parse
+    return sre_parse.parse(pattern, flags)
 
 
 def _special_splitter(specials: Iterable[str]) -> re.Pattern | None:
