@@ -4,10 +4,13 @@ import functools
 import gzip
 import hashlib
 import http.server
+import os
 import shutil
 import socket
 import threading
+import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -290,6 +293,67 @@ def test_encode_cached_large_vocab_uses_uint32():
     tok = CountingTokenizer(CharTokenizer.from_text(text), vocab_size=70_000)
     assert encode_cached(text, tok).dtype == np.uint32
     assert data.token_dtype(65_536) == np.uint16 and data.token_dtype(65_537) == np.uint32
+
+
+def _damage(path, how, vocab):
+    raw = path.read_bytes()
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(raw[:len(raw) - 3])
+    elif how == "header_only":
+        path.write_bytes(raw[:40])
+    elif how == "appended":
+        path.write_bytes(raw + b"\x00\x01")
+    elif how == "garbage":
+        path.write_bytes(os.urandom(len(raw)))
+    elif how == "out_of_range":
+        ids = np.load(path)
+        ids[len(ids) // 2] = vocab                    # one id just past the vocabulary
+        np.save(path, ids)
+    elif how == "wrong_dtype":
+        np.save(path, np.load(path).astype(np.int64))
+    elif how == "two_d":
+        np.save(path, np.load(path).reshape(1, -1))
+    elif how == "pickled":
+        np.save(path, np.array([object()] * 3), allow_pickle=True)
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated", "header_only", "appended", "garbage", "out_of_range",
+                                 "wrong_dtype", "two_d", "pickled"])
+def test_damaged_token_cache_is_rebuilt(isolated_cache, how):
+    """A damaged cache file is encoded again (the right ids, no traceback) and replaced, so the run after
+    it maps a healthy file without encoding."""
+    text = "hello world, hello tinygpt\n" * 50
+    tok = CountingTokenizer(CharTokenizer.from_text(text))
+    truth = tok.tok.encode(text)
+    ids = encode_cached(text, tok, name="c")
+    path = Path(ids.filename)
+    del ids
+    _damage(path, how, tok.vocab_size)
+    assert encode_cached(text, tok, name="c").tolist() == truth and tok.calls == 2
+    again = encode_cached(text, tok, name="c")
+    assert again.tolist() == truth and tok.calls == 2 and isinstance(again, np.memmap)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]          # no temp files left
+
+
+def test_unwritable_token_cache_falls_back_to_memory(isolated_cache):
+    isolated_cache.mkdir(parents=True)
+    (isolated_cache / "tokens").write_text("a file where the folder should be")
+    text = "abcab"
+    ids = encode_cached(text, CharTokenizer.from_text(text))
+    assert ids.tolist() == [0, 1, 2, 0, 1] and not ids.flags.writeable
+
+
+def test_old_temp_files_of_killed_cache_writers_are_removed(isolated_cache):
+    tokens = isolated_cache / "tokens"
+    tokens.mkdir(parents=True)
+    old, young = tokens / ".c-abc.npy.tmp", tokens / ".c-def.npy.tmp"
+    old.write_bytes(b"x")
+    young.write_bytes(b"x")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    encode_cached("abc", CharTokenizer.from_text("abc"), name="c")
+    assert not old.exists() and young.exists()
 
 
 def test_shakespeare_char_pipeline(isolated_cache):

@@ -38,6 +38,7 @@ import platform
 import re
 import sysconfig
 import tempfile
+import time
 import urllib.request
 import zlib
 from pathlib import Path
@@ -193,12 +194,17 @@ def build_stdlib_corpus(max_bytes: int = STDLIB_MAX_BYTES) -> str:
     return "".join(parts)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data, write=None, suffix: str = ".part") -> None:
+    """Write ``data`` (bytes, or anything ``write(file, data)`` takes) to a temporary file beside
+    ``path``, then rename it into place: readers see the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if write is None:
+                f.write(data)
+            else:
+                write(f, data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -289,25 +295,53 @@ def encode_cached(text: str, tokenizer, *, name: str = "corpus",
     (uint32 for vocabularies over 65536). The second call, or the next run,
     just maps the file: nothing is re-encoded and the ids need not fit in RAM
     (nanoGPT's ``train.bin`` idea). ``name`` only makes the file name readable.
+    The cache heals: a file that does not load, has the wrong size, dtype or
+    shape, or holds an id outside the vocabulary is encoded again and replaced;
+    a cache that cannot be written (read-only, full) gives the ids from memory.
     """
     text_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
     key = hashlib.sha256(f"{text_hash}:{tokenizer.fingerprint}".encode()).hexdigest()[:24]
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))[:64] or "corpus"
     path = cache_dir(cache) / "tokens" / f"{safe}-{key}.npy"
-    if not path.is_file():
-        ids = np.array(tokenizer.encode(text), dtype=np.int64)
-        if ids.size == 0:
-            raise DataError(f"corpus {name!r} encodes to zero tokens; give it some text")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{safe}-", suffix=".npy")
+    dtype = token_dtype(tokenizer.vocab_size)
+    if path.is_file():
+        ids = _load_cached_ids(path, dtype, tokenizer.vocab_size)
+        if ids is not None:
+            return ids
+    ids = np.array(tokenizer.encode(text), dtype=np.int64)
+    if ids.size == 0:
+        raise DataError(f"corpus {name!r} encodes to zero tokens; give it some text")
+    ids = ids.astype(dtype)
+    try:
+        _remove_old_temps(path.parent)
+        _write_atomic(path, ids, np.save, suffix=".npy.tmp")
+    except OSError:                         # the cache is an optimisation: carry on from memory
+        ids.flags.writeable = False
+        return ids
+    loaded = _load_cached_ids(path, dtype, tokenizer.vocab_size)
+    return loaded if loaded is not None else ids
+
+
+def _load_cached_ids(path: Path, dtype: np.dtype, vocab_size: int) -> np.ndarray | None:
+    """The memory-mapped ids in ``path``, or None if the file is damaged in any way we can see."""
+    try:
+        ids = np.load(path, mmap_mode="r")
+        ok = (isinstance(ids, np.memmap) and ids.ndim == 1 and ids.dtype == dtype and ids.size > 0
+              and path.stat().st_size == ids.offset + ids.nbytes          # nothing cut off or appended
+              and int(ids.max()) < vocab_size)
+    except (OSError, ValueError, EOFError):   # empty, truncated header, not .npy, pickled objects...
+        return None
+    return ids if ok else None
+
+
+def _remove_old_temps(folder: Path, age_s: float = 3600.0) -> None:
+    """Delete the temporary files of killed cache writers (older than an hour: none is still writing)."""
+    for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
         try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, ids.astype(token_dtype(tokenizer.vocab_size)))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return np.load(path, mmap_mode="r")
+            if time.time() - tmp.stat().st_mtime > age_s:
+                tmp.unlink()
+        except OSError:
+            pass
 
 
 def train_val_split(ids, train_fraction: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
