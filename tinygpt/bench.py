@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import numpy as np
@@ -32,28 +33,40 @@ from tinygpt import backend, optim
 from tinygpt.models import GPT, GPTConfig
 from tinygpt.presets import get_preset
 from tinygpt.parallel import DataParallel
+from tinygpt.settings import OneOf, Range, add_flags, check_fields, setting
+
+_DEFAULTS = {"cpu": (32, 30), "video": (8, 10)}      # preset -> (batch size, steps)
+
+
+@dataclass
+class BenchSettings:
+    """The options of `tinygpt bench`, one flag each (settings.add_flags), checked as train's are."""
+    preset: str = setting("cpu", "model size", OneOf(*_DEFAULTS))
+    device: str | None = setting(None, "cpu or cuda", default_help="$TINYGPT_DEVICE or cpu")
+    batch_size: int | None = setting(None, "sequences per step", Range(1),
+                                     default_help="32 for cpu, 8 for video")
+    steps: int | None = setting(None, "timed steps per framework", Range(1),
+                                default_help="30 for cpu, 10 for video")
+    rounds: int = setting(5, "alternations of tinygpt and torch (with --generate: of cached and uncached, "
+                             "at most 3)", Range(1))
+    workers: int | None = setting(None, "CPU processes that share each batch (see tinygpt.parallel)", Range(1),
+                                  default_help="one per core")
+    no_torch: bool = setting(False, "time tinygpt alone", switch=True)
+    no_memory: bool = setting(False, "skip the peak-RSS child processes", switch=True)
+    memory_trace: int = setting(0, "instead: train N steps and report the RSS growth (0: off)", Range(0),
+                                metavar="N")
+    generate: bool = setting(False, "instead: tokens/s of generate() with and without the KV cache",
+                             switch=True)
+    json: bool = setting(False, "print one JSON object", switch=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu", help="model size: cpu or video (default cpu)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: $TINYGPT_DEVICE or cpu)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 32 for cpu, 8 for video")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per framework (default 30 / 10)")
-    p.add_argument("--rounds", type=int, default=5,
-                   help="alternations of tinygpt and torch (with --generate: of cached and uncached, at most 3)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="CPU processes that share each batch (default: one per core; see tinygpt.parallel)")
-    p.add_argument("--no-torch", action="store_true", help="time tinygpt alone")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
-    p.add_argument("--memory-trace", type=int, default=0, metavar="N",
-                   help="instead: train N steps and report the RSS growth")
-    p.add_argument("--generate", action="store_true",
-                   help="instead: tokens/s of generate() with and without the KV cache")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
-
-
-_DEFAULTS = {"cpu": (32, 30), "video": (8, 10)}
+    """BenchSettings' flags, and the hidden --_child of the peak-RSS child processes."""
+    add_flags(p, BenchSettings)
+    p.add_argument("--_child", default=None, choices=("tinygpt", "torch"), help=argparse.SUPPRESS)
 
 
 def model_config(preset: str) -> GPTConfig:
@@ -236,14 +249,13 @@ def _generate(args, device: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the benchmark that `args` (BenchSettings' flags) asks for and print its report; returns 0."""
+    BenchSettings(**{f.name: getattr(args, f.name, f.default) for f in fields(BenchSettings)})  # ConfigError
     device = backend.get_device(args.device).name
-    preset = getattr(args, "preset", "cpu")
-    bs_default, steps_default = _DEFAULTS.get(preset, (None, None))
-    model_config(preset)                                          # validate --preset early
+    preset = args.preset
+    bs_default, steps_default = _DEFAULTS[preset]
     batch_size = args.batch_size or bs_default
     steps = args.steps or steps_default
-    if batch_size < 1 or steps < 1:
-        raise ValueError(f"bench: --batch-size and --steps must be positive, got {batch_size} and {steps}")
     args.batch_size, args.device = batch_size, device
     if getattr(args, "_child", None):
         return _child(args)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from typing import Sequence
 
 __all__ = ["main", "build_parser"]
@@ -28,17 +29,25 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def _bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+def _preset_defaults(f) -> str | None:
+    """A train flag's value in each preset that has the field (the help says it: the flag defaults to None)."""
+    from tinygpt.presets import PRESETS
+    from tinygpt.settings import RunSettings, show
+
+    if f.metadata["default_help"]:
+        return f.metadata["default_help"]
+    values = {name: show(getattr(RunSettings.from_preset(name), f.name)) for name in PRESETS
+              if not (f.metadata["gpt"] and PRESETS[name].get("model") == "bigram")}
+    if len(set(values.values())) == 1:
+        return next(iter(values.values()))
+    return "the preset's: " + ", ".join(f"{k} {v}" for k, v in values.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tinygpt.presets import PRESETS
+    """The parser of `tinygpt train|sample|bench`; the flags come from RunSettings, SampleSettings and
+    bench.BenchSettings (one per field)."""
+    from tinygpt import bench
+    from tinygpt.settings import RunSettings, SampleSettings, add_flags
 
     p = _Parser(prog="tinygpt", description="Train and sample a GPT with a hand-written autograd engine.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -47,76 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (default: preset 'cpu' on the default corpus)",
                        description="Train a model. Every option left out comes from the preset; with --resume, "
                                    "from the checkpoint.")
-    t.add_argument("--preset", help=f"one of: {', '.join(PRESETS)} (default: cpu)")
-    t.add_argument("--data", help="a UTF-8 .txt file or folder, 'shakespeare' (default: Tiny Shakespeare, "
-                                  "shipped with tinygpt), 'shakespeare-download' or 'python-stdlib'")
-    t.add_argument("--tokenizer", help="char (default) or bpe")
-    t.add_argument("--bpe-vocab-size", type=int, help="vocabulary size of --tokenizer bpe (default 512)")
-    t.add_argument("--device", help="cpu (default: $TINYGPT_DEVICE or cpu) or cuda")
-    t.add_argument("--max-iters", type=int, help="iteration to stop at (the lr schedule does not change)")
-    t.add_argument("--warmup-iters", type=int, help="linear warmup length (default: the preset's)")
-    t.add_argument("--lr-decay-iters", type=int, help="cosine decay reaches min_lr here (default: the preset's)")
-    t.add_argument("--lr", type=float, help="peak learning rate")
-    t.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay")
-    t.add_argument("--weight-decay", type=float, help="AdamW weight decay on 2-D weights")
-    t.add_argument("--grad-clip", type=float, help="clip the global gradient norm (0: off; default 1.0)")
-    t.add_argument("--batch-size", type=int, help="sequences per micro-batch")
-    t.add_argument("--block-size", type=int, help="context length in tokens")
-    t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    t.add_argument("--eval-interval", type=int, help="evaluate and checkpoint every N iterations")
-    t.add_argument("--eval-iters", type=int, help="batches averaged per evaluation")
-    t.add_argument("--n-layer", type=int, help="transformer blocks")
-    t.add_argument("--n-head", type=int, help="attention heads (must divide --n-embd)")
-    t.add_argument("--n-embd", type=int, help="channels")
-    t.add_argument("--dropout", type=float, help="dropout probability")
-    t.add_argument("--bias", type=_bool, help="biases in Linear and LayerNorm layers (true/false)")
-    t.add_argument("--seed", type=int, help="random seed (default 1337)")
-    t.add_argument("--workers", type=int, help="CPU processes that share each batch (default 0: one per "
-                                              "core when the model is big enough; 1: off)")
-    t.add_argument("--out-dir", help="where checkpoints, log.jsonl and loss.png go (default: out)")
+    add_flags(t, RunSettings, defaults=False, default_text=_preset_defaults)
     t.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = sub.add_parser("sample", help="generate text from a checkpoint",
                        description="Stream text from out_dir's best checkpoint (else its last one).")
-    s.add_argument("--out-dir", default="out", help="the training run's folder (default: out)")
-    s.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint")
-    s.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    s.add_argument("--num-samples", type=int, default=1)
-    s.add_argument("--max-new-tokens", type=int, default=500)
-    s.add_argument("--temperature", type=float, default=1.0, help="0 is greedy; below 1 is more conservative")
-    s.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
-    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set with mass p")
-    s.add_argument("--seed", type=int, default=1337)
-    s.add_argument("--device", default=None, help="cpu or cuda (default: $TINYGPT_DEVICE or cpu)")
+    add_flags(s, SampleSettings)
 
     b = sub.add_parser("bench", help="time training steps (tokens/s), tinygpt against PyTorch when installed")
-    try:
-        from tinygpt.bench import add_arguments        # the bench module owns its options
-    except ImportError:
-        b.add_argument("--preset", default="cpu", help="cpu or video")
-        b.add_argument("--device", default=None)
-        b.add_argument("--batch-size", type=int, default=None)
-        b.add_argument("--steps", type=int, default=None)
-        b.add_argument("--json", action="store_true", help="print one JSON object")
-    else:
-        add_arguments(b)
+    bench.add_arguments(b)
     return p
-
-
-_TRAIN_KEYS = ("preset", "data", "tokenizer", "bpe_vocab_size", "device", "max_iters", "warmup_iters",
-               "lr_decay_iters", "lr", "min_lr", "weight_decay", "grad_clip", "batch_size", "block_size",
-               "grad_accum", "eval_interval", "eval_iters", "n_layer", "n_head", "n_embd", "dropout", "bias",
-               "seed", "workers")
 
 
 def _train(args: argparse.Namespace) -> int:
     from tinygpt import backend
     from tinygpt.train import RunSettings, Trainer, TrainingInterrupted
 
-    given = {k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k) is not None}
+    given = {f.name: getattr(args, f.name) for f in fields(RunSettings)
+             if f.metadata["flag"] and getattr(args, f.name) is not None}
     progress = False if args.no_progress else None
-    out_dir = args.out_dir or "out"
+    out_dir = given.pop("out_dir", "out")
     if args.resume:
         trainer = Trainer.resume(out_dir, given, progress=progress)
     else:
@@ -145,36 +105,24 @@ def _sample(args: argparse.Namespace) -> int:
     import tinygpt
     from tinygpt import backend, checkpoint
     from tinygpt.sample import main_stream
+    from tinygpt.settings import SampleSettings
 
-    if args.num_samples < 1 or args.max_new_tokens < 0:
-        raise ValueError(f"--num-samples must be >= 1 and --max-new-tokens >= 0, got {args.num_samples} and "
-                         f"{args.max_new_tokens}")
-    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) \
-            or (args.top_p is not None and not 0 < args.top_p <= 1):
-        raise ValueError(f"need --temperature >= 0, --top-k >= 1 and 0 < --top-p <= 1, got {args.temperature}, "
-                         f"{args.top_k}, {args.top_p}")
-    device = backend.get_device(args.device)
-    path = checkpoint.find_checkpoint(args.out_dir, args.checkpoint)
+    o = SampleSettings(**{f.name: getattr(args, f.name) for f in fields(SampleSettings)})      # checked
+    device = backend.get_device(o.device)
+    path = checkpoint.find_checkpoint(o.out_dir, o.checkpoint)
     model, tok, _ = checkpoint.load_model(path, device=device)
     if tok is None:
         raise checkpoint.CheckpointError(f"checkpoint {str(path)!r} has no tokenizer, so its ids cannot be "
                                          f"turned into text")
-    tok.encode(args.prompt)                                   # check the prompt before printing anything
-    tinygpt.manual_seed(args.seed)
-    main_stream(model, tok, args.num_samples, sys.stdout, prompt=args.prompt,
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p)
+    tok.encode(o.prompt)                                      # check the prompt before printing anything
+    tinygpt.manual_seed(o.seed)
+    main_stream(model, tok, o.num_samples, sys.stdout, prompt=o.prompt, max_new_tokens=o.max_new_tokens,
+                temperature=o.temperature, top_k=o.top_k, top_p=o.top_p)
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import importlib
-    try:
-        bench = importlib.import_module("tinygpt.bench")      # lazy: the perf tooling is optional
-    except ModuleNotFoundError as e:
-        if e.name != "tinygpt.bench":
-            raise
-        raise NotImplementedError("tinygpt bench is not available yet in this version") from None
+    from tinygpt import bench
     return int(bench.run(args) or 0)
 
 

@@ -1,61 +1,213 @@
-"""The settings of a training run: `RunSettings` (every knob, filled from a preset), its validation, the
-LR schedule that follows from it, and what a resumed run may change.
+"""The settings of a training run: `RunSettings`, the one list of its knobs, and what follows from it.
 
     settings = RunSettings.from_preset("cpu", data="shakespeare", max_iters=500)
     schedule = make_schedule(settings)          # warmup + cosine, or constant for the lecture's presets
+    add_flags(parser, RunSettings)              # --lr, --max-iters, ...: one command-line flag per field
+
+Each field is declared once, with `setting(default, help, rule)`: its type is the annotation, its default
+the cpu preset's value, and its metadata the help text and the rule its value must meet (a `Range` or a
+`OneOf`; floats must also be finite). The presets (tinygpt/presets.py) are overrides of these fields, the
+CLI's flags are derived from them, and the same checks run on the command line (argparse), on
+`RunSettings(...)` and on what a resumed run changes. `SampleSettings` does the same for `tinygpt sample`.
 """
 from __future__ import annotations
 
+import argparse
+import functools
 import math
-from dataclasses import dataclass, fields, replace
+import typing
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tinygpt import checkpoint, data, models, optim, presets
 from tinygpt.models import ConfigError
 
-__all__ = ["RunSettings", "make_schedule", "resumed_settings", "RESUMABLE"]
+__all__ = ["RunSettings", "SampleSettings", "Range", "OneOf", "setting", "add_flags", "check_fields",
+           "make_schedule", "resumed_settings", "RESUMABLE"]
 
-# settings a resumed run may change; any other one must stay what the checkpoint says
-RESUMABLE = ("max_iters", "eval_interval", "eval_iters", "device", "out_dir", "workers")
-_GPT_ONLY = ("n_layer", "n_head", "n_embd", "dropout", "bias", "qkv_bias", "activation", "tie_weights")
+
+@dataclass(frozen=True)
+class Range:
+    """Numbers from lo to hi (None: unbounded), the ends excluded where lo_open / hi_open say."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def ok(self, v: float) -> bool:
+        return ((self.lo is None or v > self.lo or (v == self.lo and not self.lo_open))
+                and (self.hi is None or v < self.hi or (v == self.hi and not self.hi_open)))
+
+    def describe(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"{'<' if self.hi_open else '<='} {self.hi:g}" if self.hi is not None else ""
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of a few named choices."""
+    choices: tuple
+
+    def __init__(self, *choices: str):
+        object.__setattr__(self, "choices", choices)
+
+    def ok(self, v: str) -> bool:
+        return v in self.choices
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(self.choices)
+
+
+def setting(default: Any, help: str, rule: Range | OneOf | None = None, *, gpt: bool = False,
+            resumable: bool = False, flag: bool = True, default_help: str | None = None, **extra: Any) -> Any:
+    """A dataclass field with its help and rule. gpt: only a GPT has it (the bigram table ignores it);
+    resumable: a resumed run may change it; flag=False: no command-line flag; default_help: the default as
+    the help should say it (when the field's default is a stand-in, e.g. None); extra: more for add_flags
+    (switch=True: an on/off flag; metavar)."""
+    return field(default=default, metadata={"help": help, "rule": rule, "gpt": gpt, "resumable": resumable,
+                                            "flag": flag, "default_help": default_help, **extra})
+
+
+_NAMES = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
+
+
+@functools.lru_cache(maxsize=None)
+def _kind(cls: type, name: str) -> tuple[type, bool]:
+    """The field's type (int, float, bool or str) and whether None is allowed (`X | None`)."""
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return args[0], type(None) in typing.get_args(hint)
+
+
+def _problem(f, kind: type, optional: bool, v: Any) -> str | None:
+    """Why `v` cannot be field f's value ("must be ..., got ..."), or None when it can."""
+    if v is None and optional:
+        return None
+    rule = f.metadata.get("rule")
+    want = _NAMES[kind] + (f" {rule.describe()}" if isinstance(rule, Range) else "")
+    if isinstance(rule, OneOf):
+        want = rule.describe()
+    fits = {int: lambda: isinstance(v, int) and not isinstance(v, bool),
+            float: lambda: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+            bool: lambda: isinstance(v, bool), str: lambda: isinstance(v, str)}[kind]()
+    if not fits or (rule is not None and not rule.ok(v)):
+        return f"must be {want}{' (or left out)' if optional else ''}, got {v!r}"
+    return None
+
+
+def check_fields(obj: Any, skip: Callable[[Any], bool] = lambda f: False) -> None:
+    """Raise ConfigError for the first field of the dataclass instance `obj` whose value breaks its type or
+    rule (fields for which skip(field) is true are not checked)."""
+    for f in fields(obj):
+        if not skip(f):
+            problem = _problem(f, *_kind(type(obj), f.name), getattr(obj, f.name))
+            if problem:
+                raise ConfigError(f"{f.name} {problem}")
+
+
+def _read_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _reader(f, kind: type, optional: bool) -> Callable[[str], Any]:
+    """argparse's `type` for field f: text -> value, or an error that names the rule."""
+    def read(text: str) -> Any:
+        value = _read_bool(text) if kind is bool else kind(text)    # ValueError: "invalid int value: ..."
+        problem = _problem(f, kind, optional, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    read.__name__ = kind.__name__
+    return read
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, *, defaults: bool = True,
+              default_text: Callable[[Any], str | None] | None = None) -> None:
+    """Add one --field-name flag per field of the dataclass `cls` (unless its metadata says flag=False), of
+    the field's type, checked by its rule. defaults=False: a flag left out is None (its value then comes
+    from elsewhere, e.g. a preset), and default_text(field) says what that is in the help. A field with
+    `switch` in its metadata is an on/off flag (store_true)."""
+    for f in fields(cls):
+        if not f.metadata.get("flag", True):
+            continue
+        text = f.metadata.get("default_help") or (default_text(f) if default_text else None)
+        if text is None and f.default not in (None, MISSING) and not f.metadata.get("switch"):
+            text = show(f.default)
+        helptext = f.metadata["help"] + (f" (default: {text})" if text else "")
+        name = "--" + f.name.replace("_", "-")
+        kwargs = {"default": f.default if defaults else None, "help": helptext.replace("%", "%%")}
+        if f.metadata.get("switch"):
+            parser.add_argument(name, action="store_true", help=kwargs["help"])
+            continue
+        rule, (kind, optional) = f.metadata.get("rule"), _kind(cls, f.name)
+        metavar = f.metadata.get("metavar") or _METAVARS.get(kind)
+        if isinstance(rule, OneOf):
+            metavar = "{" + ",".join(rule.choices) + "}"
+        parser.add_argument(name, type=_reader(f, kind, optional), metavar=metavar, **kwargs)
+
+
+_METAVARS = {int: "N", float: "X", bool: "{true,false}"}
+
+
+def show(value: Any) -> str:
+    """A setting's value as a flag takes it: true/false, numbers and text as they are."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @dataclass
 class RunSettings:
-    """Every knob of a run. `from_preset` fills them from a preset; JSON-able (stored in checkpoints)."""
-    preset: str = "cpu"
-    model: str = "gpt"
-    data: str | None = None             # a path or one of data.NAMED_SOURCES; None: "shakespeare"
-    tokenizer: str = "char"             # "char" or "bpe"
-    bpe_vocab_size: int = 512
-    device: str = "cpu"
-    workers: int = 0                    # CPU processes sharing each batch (tinygpt.parallel); 0: automatic
-    block_size: int = 64
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = False
-    qkv_bias: bool | None = None
-    activation: str = "gelu"
-    tie_weights: bool = True
-    batch_size: int = 12
-    grad_accum: int = 1
-    max_iters: int = 2000
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    decay_lr: bool = True
-    warmup_iters: int = 100
-    lr_decay_iters: int = 2000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    eval_interval: int = 250
-    eval_iters: int = 20
-    seed: int = 1337
-    out_dir: str = "out"
+    """Every knob of a run; the defaults are the cpu preset. `from_preset` starts from a preset. JSON-able
+    (stored in checkpoints) and checked on creation (ConfigError)."""
+    preset: str = setting("cpu", "the run to start from", OneOf(*presets.PRESETS), default_help="cpu")
+    model: str = setting("gpt", "the model (set by the preset)", OneOf("gpt", "bigram"), flag=False)
+    data: str | None = setting(None, "a UTF-8 .txt file or folder, 'shakespeare' (Tiny Shakespeare, shipped "
+                               "with tinygpt), 'shakespeare-download' or 'python-stdlib'",
+                               default_help="shakespeare")
+    tokenizer: str = setting("char", "how text becomes ids", OneOf("char", "bpe"))
+    bpe_vocab_size: int = setting(512, "vocabulary size of --tokenizer bpe", Range(256))
+    device: str = setting("cpu", "cpu or cuda", resumable=True, default_help="$TINYGPT_DEVICE or cpu")
+    workers: int = setting(0, "CPU processes that share each batch (0: one per core when the model is big "
+                              "enough; 1: off)", Range(0), resumable=True)
+    block_size: int = setting(64, "context length in tokens", Range(1))
+    n_layer: int = setting(4, "transformer blocks", Range(1), gpt=True)
+    n_head: int = setting(4, "attention heads (must divide --n-embd)", Range(1), gpt=True)
+    n_embd: int = setting(128, "channels", Range(1), gpt=True)
+    dropout: float = setting(0.0, "dropout probability", Range(0, 1, hi_open=True), gpt=True)
+    bias: bool = setting(False, "biases in Linear and LayerNorm layers", gpt=True)
+    qkv_bias: bool | None = setting(None, "bias of the q, k, v projection", gpt=True, default_help="as --bias")
+    activation: str = setting("gelu", "the MLP's nonlinearity", OneOf("gelu", "relu"), gpt=True)
+    tie_weights: bool = setting(True, "lm_head shares the token embedding's weights", gpt=True)
+    batch_size: int = setting(12, "sequences per micro-batch", Range(1))
+    grad_accum: int = setting(1, "micro-batches per optimizer step", Range(1))
+    max_iters: int = setting(2000, "iteration to stop at (the lr schedule does not change)", Range(0),
+                             resumable=True)
+    lr: float = setting(1e-3, "peak learning rate", Range(0, lo_open=True))
+    min_lr: float = setting(1e-4, "learning rate at the end of the cosine decay (at most --lr)", Range(0))
+    decay_lr: bool = setting(True, "warmup + cosine decay; false: a constant lr (--warmup-iters or "
+                                   "--lr-decay-iters turn it on)", flag=False)
+    warmup_iters: int = setting(100, "linear warmup length", Range(0))
+    lr_decay_iters: int = setting(2000, "cosine decay reaches min_lr here", Range(0))
+    weight_decay: float = setting(0.1, "AdamW weight decay on 2-D weights", Range(0))
+    beta1: float = setting(0.9, "AdamW's decay of the gradient's running mean", Range(0, 1, hi_open=True))
+    beta2: float = setting(0.99, "AdamW's decay of the squared gradient's running mean",
+                           Range(0, 1, hi_open=True))
+    grad_clip: float = setting(1.0, "clip the global gradient norm (0: off)", Range(0))
+    eval_interval: int = setting(250, "evaluate and checkpoint every N iterations", Range(1), resumable=True)
+    eval_iters: int = setting(20, "batches averaged per evaluation", Range(1), resumable=True)
+    seed: int = setting(1337, "random seed", Range(0))
+    out_dir: str = setting("out", "where checkpoints, log.jsonl and loss.png go", resumable=True)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     @classmethod
     def from_preset(cls, preset: str = "cpu", **overrides: Any) -> "RunSettings":
@@ -64,65 +216,75 @@ class RunSettings:
         The lecture's presets (bigram, video) use a constant lr; giving warmup_iters or lr_decay_iters turns
         on warmup + cosine decay to min_lr (default lr/10) at lr_decay_iters (default: the preset's max_iters).
         """
-        p = presets.get_preset(preset)
+        base = {**presets.overrides(preset), "preset": preset}
         names = {f.name for f in fields(cls)}
         unknown = set(overrides) - names
         if unknown:
             raise ConfigError(f"unknown settings {sorted(unknown)}; known: {sorted(names)}")
         given = {k: v for k, v in overrides.items() if v is not None}
-        if p.model == "bigram":
-            bad = sorted(set(given) & set(_GPT_ONLY))
+        if base.get("model") == "bigram":
+            bad = sorted(set(given) & set(GPT_ONLY))
             if bad:
                 raise ConfigError(f"preset 'bigram' is a lookup table with no {', '.join(bad)}; "
                                   f"drop those options or use --preset cpu")
-        base = {f.name: getattr(p, f.name) for f in fields(cls) if hasattr(p, f.name) and f.name != "data"}
-        base["preset"] = p.name
-        if not p.decay_lr and ("warmup_iters" in given or "lr_decay_iters" in given):
-            base.update(decay_lr=True, lr_decay_iters=p.max_iters, min_lr=given.get("lr", p.lr) / 10)
-        s = cls(**{**base, **given})
-        s.validate()
-        return s
+        if base.get("decay_lr") is False and ("warmup_iters" in given or "lr_decay_iters" in given):
+            base.update(decay_lr=True, lr_decay_iters=base.get("max_iters", cls.max_iters),
+                        min_lr=given.get("lr", base.get("lr", cls.lr)) / 10)
+        return cls(**{**base, **given})
 
     def validate(self) -> None:
-        def positive(name: str) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("block_size", "batch_size", "grad_accum", "eval_interval", "eval_iters"):
-            positive(name)
-        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed", "workers"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ConfigError(f"{name} must be an integer >= 0, got {v!r}")
-        if self.tokenizer not in ("char", "bpe"):
-            raise ConfigError(f"tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
-        if not 0 <= self.min_lr <= self.lr:
+        """Each field's type and rule (a GPT's fields only for a GPT), then the rules between fields."""
+        check_fields(self, skip=lambda f: f.metadata["gpt"] and self.model != "gpt")
+        if self.min_lr > self.lr:
             raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr!r}")
         if self.decay_lr and self.warmup_iters > self.lr_decay_iters:
             raise ConfigError(f"warmup_iters={self.warmup_iters} is larger than lr_decay_iters="
                               f"{self.lr_decay_iters}; warm up first, then decay")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError(f"grad_clip and weight_decay must be >= 0, got {self.grad_clip}, "
-                              f"{self.weight_decay}")
         if self.model == "gpt":
-            models.GPTConfig(vocab_size=1, **self.gpt_fields())   # n_embd % n_head, dropout, activation
+            models.GPTConfig(vocab_size=1, **self.gpt_fields())   # n_embd % n_head
 
     def gpt_fields(self) -> dict:
+        """The GPTConfig fields (all but vocab_size) from these settings."""
         return {f.name: getattr(self, f.name) for f in fields(models.GPTConfig) if f.name != "vocab_size"}
 
     def model_config(self, vocab_size: int) -> dict:
+        """The model's `config_dict()` for a vocabulary of vocab_size ids (for models.model_from_config)."""
         if self.model == "bigram":
             return {"model": "bigram", "vocab_size": vocab_size}
         return {"model": "gpt", "vocab_size": vocab_size, **self.gpt_fields()}
 
     @property
     def tokens_per_iter(self) -> int:
+        """Tokens per optimizer step: grad_accum · batch_size · block_size."""
         return self.grad_accum * self.batch_size * self.block_size
 
 
+# settings a resumed run may change; any other one must stay what the checkpoint says
+RESUMABLE = tuple(f.name for f in fields(RunSettings) if f.metadata["resumable"])
+GPT_ONLY = tuple(f.name for f in fields(RunSettings) if f.metadata["gpt"])
+
+
+@dataclass
+class SampleSettings:
+    """The knobs of `tinygpt sample`; checked on creation (ConfigError)."""
+    out_dir: str = setting("out", "the training run's folder")
+    checkpoint: str = setting("best", "which checkpoint", OneOf("best", "last"))
+    prompt: str = setting("\n", "text to continue", default_help="a newline")
+    num_samples: int = setting(1, "how many texts to generate", Range(1))
+    max_new_tokens: int = setting(500, "tokens generated per text", Range(0))
+    temperature: float = setting(1.0, "0 is greedy; below 1 is more conservative", Range(0))
+    top_k: int | None = setting(None, "sample only from the k most likely tokens", Range(1), default_help="all")
+    top_p: float | None = setting(None, "nucleus sampling: the smallest set of tokens with mass p",
+                                  Range(0, 1, lo_open=True), default_help="off")
+    seed: int = setting(1337, "random seed", Range(0))
+    device: str | None = setting(None, "cpu or cuda", default_help="$TINYGPT_DEVICE or cpu")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 def make_schedule(s: RunSettings):
+    """The run's learning rate per iteration: warmup + cosine decay, or constant when decay_lr is off."""
     if not s.decay_lr:
         return optim.ConstantLR(s.lr)
     return optim.WarmupCosineLR(s.lr, s.warmup_iters, s.lr_decay_iters, s.min_lr)
@@ -132,7 +294,7 @@ def resumed_settings(ckpt: checkpoint.Checkpoint, overrides: dict) -> RunSetting
     """The checkpoint's settings, with RESUMABLE overrides applied; other overrides must agree."""
     try:
         saved = RunSettings(**ckpt.meta["settings"])
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ConfigError) as e:
         raise checkpoint.CheckpointError(f"checkpoint {str(ckpt.path)!r} has no usable run settings "
                                          f"({' '.join(str(e).split())})") from None
     changes = {}
@@ -147,6 +309,7 @@ def resumed_settings(ckpt: checkpoint.Checkpoint, overrides: dict) -> RunSetting
         elif not hasattr(saved, k):
             raise ConfigError(f"unknown setting {k!r}")
         elif getattr(saved, k) != v:
+            replace(saved, **{k: v})            # a value no run may have says so (ConfigError), not "cannot change"
             raise ConfigError(f"cannot change {k} when resuming: the checkpoint has {getattr(saved, k)!r}, "
                               f"you gave {v!r}; drop the option, or start a new run in another --out-dir")
     return replace(saved, **changes)
