@@ -48,10 +48,6 @@ class Tokenizer:
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
-    def hash(self) -> str:
-        """Same as :attr:`fingerprint` (used to key caches of encoded ids)."""
-        return self.fingerprint
-
     def save(self, path: str | Path) -> Path:
         """Write the tokenizer as JSON to ``path`` and return the path."""
         path = Path(path)
