@@ -199,8 +199,13 @@ class Trainer:
 
     @classmethod
     def resume(cls, out_dir: str | Path, overrides: dict | None = None, **kwargs: Any) -> "Trainer":
-        """Continue the run saved in out_dir/ckpt_last.safetensors. `overrides` may change only the
-        RESUMABLE settings (max_iters, eval_interval, eval_iters, device); any other value must match."""
+        """Continue the run saved in out_dir/ckpt_last.safetensors with the settings saved in it.
+
+        `overrides` (setting -> value; None means left out) may change only the RESUMABLE settings:
+        max_iters, eval_interval, eval_iters, device, workers, and out_dir (always this out_dir, so a run
+        folder may be moved). data may name the saved corpus file by another path. Any other setting must
+        equal the checkpoint's (ConfigError); every value passes its field's rule. kwargs go to Trainer
+        (progress, out, log_interval)."""
         last = checkpoint.checkpoint_path(out_dir, "last")
         if not last.is_file():
             raise checkpoint.CheckpointError(f"nothing to resume: {str(last)!r} does not exist; start a run "
