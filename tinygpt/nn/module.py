@@ -33,6 +33,18 @@ class StateDictError(ValueError):
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
 
+def _common_prefix(missing: list, unexpected: list) -> str | None:
+    """"model." when every unexpected key is "model." + a missing key (a wrapper's names), else None."""
+    if not missing or len(missing) != len(unexpected):
+        return None
+    u = sorted(unexpected, key=len)[0]
+    prefixes = {u[:-len(m)] for m in missing if u.endswith("." + m)}
+    for prefix in prefixes:
+        if sorted(prefix + m for m in missing) == sorted(unexpected):
+            return prefix
+    return None
+
+
 class Module:
     """Base class of every layer and model. Subclasses set attributes in `__init__` and define `forward`.
 
@@ -270,14 +282,23 @@ class Module:
         if not isinstance(state_dict, dict):
             raise StateDictError(f"load_state_dict: expected a dict of name -> array, got "
                                  f"{type(state_dict).__name__}")
+        bad_keys = [k for k in state_dict if not isinstance(k, str)]
+        if bad_keys:
+            raise StateDictError(f"load_state_dict: keys must be parameter names (str), got {bad_keys[0]!r} "
+                                 f"of type {type(bad_keys[0]).__name__}")
         own = dict(self._state_items())
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
         if strict and (missing or unexpected):
-            parts = ([f"missing keys {missing}"] if missing else []) + (
-                [f"unexpected keys {unexpected}"] if unexpected else [])
-            raise StateDictError(f"load_state_dict into {type(self).__name__}: {' and '.join(parts)}; "
-                                 "check the model config matches the checkpoint, or pass strict=False")
+            def few(keys: list) -> str:                    # a GPT has hundreds: name a few and count
+                return f"{keys[:4]}" + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            parts = ([f"missing keys {few(missing)}"] if missing else []) + (
+                [f"unexpected keys {few(unexpected)}"] if unexpected else [])
+            hint = "check the model config matches the checkpoint, or pass strict=False"
+            prefix = _common_prefix(missing, unexpected)
+            if prefix:
+                hint = f"the state dict's names carry an extra prefix {prefix!r}: strip it from every key"
+            raise StateDictError(f"load_state_dict into {type(self).__name__}: {' and '.join(parts)}; {hint}")
         todo = []
         for name, p in own.items():
             if name not in state_dict:
@@ -285,7 +306,16 @@ class Module:
             value = state_dict[name]
             value = value.data if isinstance(value, Tensor) else value
             if not hasattr(value, "shape") or not hasattr(value, "dtype"):
-                value = np.asarray(value)
+                try:
+                    value = np.asarray(value)
+                except (ValueError, TypeError) as e:       # e.g. a ragged nested list
+                    raise StateDictError(f"load_state_dict: {name!r} is a {type(state_dict[name]).__name__} "
+                                         f"that is not an array ({' '.join(str(e).split())})") from None
+            if getattr(value.dtype, "kind", "O") not in "fiub":
+                given = state_dict[name]
+                what = "None" if given is None else f"a {type(given).__name__} of {value.dtype} values"
+                raise StateDictError(f"load_state_dict: {name!r} is {what}, not numbers; pass an array of "
+                                     f"{p.dtype} with shape {p.shape}")
             if tuple(value.shape) != p.shape:
                 raise StateDictError(f"load_state_dict: {name!r} has shape {tuple(value.shape)} in the state "
                                      f"dict but the parameter has shape {p.shape}; check the model config")

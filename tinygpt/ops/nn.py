@@ -186,7 +186,8 @@ def _array(x: Any) -> Any:
 def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -1) -> Tensor:
     """Mean over non-ignored targets of -log softmax(logits)[target].
 
-    logits (N, V) with targets (N,), or logits (B, T, V) with targets (B, T).
+    logits (N, V) with targets (N,), or logits (B, T, V) with targets (B, T). A target outside [0, V) that
+    is not ignore_index raises IndexError (on CUDA this check reads one flag back).
     """
     t = targets if isinstance(targets, Tensor) else Tensor(backend.to_device(targets, logits.device))
     if logits.shape[:-1] != t.shape:
@@ -194,6 +195,12 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -1) -> Tenso
                          f"got {t.shape}")
     if t.dtype.kind not in "iu":
         raise TypeError(f"cross_entropy: targets must be integer class ids, got dtype {t.dtype}")
+    V = logits.shape[-1]              # a target outside [0, V) would index past the row (or wrap, on CUDA)
+    if t.data.size and bool(((t.data != ignore_index) & ((t.data < 0) | (t.data >= V))).any()):
+        bad = backend.to_numpy(t.data)
+        bad = bad[(bad != ignore_index) & ((bad < 0) | (bad >= V))]
+        raise IndexError(f"cross_entropy: target {int(bad.flat[0])} is out of range for {V} classes: targets "
+                         f"must be in [0, {V}) or equal ignore_index={ignore_index}")
     return CrossEntropy.apply(logits, t.detach() if isinstance(t, Tensor) else t, ignore_index=ignore_index)
 
 

@@ -1,6 +1,8 @@
 """Helpers around an optimizer: gradient clipping, and weight-decay parameter groups."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 from tinygpt import backend
@@ -27,7 +29,12 @@ def clip_grad_norm_(params: Any, max_norm: float) -> Tensor:
         g_p ← c · g_p                  in place, always (a comparison would need the value on the host)
 
     Returns ‖g‖ before clipping as a 0-d Tensor on the gradients' device; `.item()` reads it (a sync).
+    `max_norm` must be a finite number >= 0 (ValueError otherwise: inf or nan would scale every gradient
+    by nan, a negative one would flip them).
     """
+    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not math.isfinite(max_norm) \
+            or max_norm < 0:
+        raise ValueError(f"clip_grad_norm_: max_norm must be a finite number >= 0, got {max_norm!r}")
     grads = [p.grad for p in _flat_params(params) if p.grad is not None]
     if not grads:
         return Tensor(backend.get_device().xp.zeros((), dtype="float32"))
