@@ -11,6 +11,7 @@ reference math alone when the switch is off.
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -332,3 +333,16 @@ def test_env_unknown_value_fails_the_command_in_one_line():
 def test_matmul_is_a_at_b_on_the_cpu(rng):
     a, b = rng.standard_normal((2, 3, 4)).astype(np.float32), rng.standard_normal((4, 5)).astype(np.float32)
     np.testing.assert_array_equal(kernels.matmul(a, b), a @ b)
+
+
+def test_reference_normal_cdf_is_accurate():
+    """The plain A&S 7.1.26 of ops/activations.py (what GELU uses with the kernels off) against math.erfc."""
+    from tinygpt.ops.activations import _normal_cdf_as, normal_cdf
+    x = np.concatenate([np.linspace(-9, 9, 1801), [0.0, -0.0]]).astype(np.float32)
+    exact = np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64)])
+    y = _normal_cdf_as(x)
+    assert y.dtype == np.float32 and (np.diff(y[:-2]) >= 0).all() and (y[-2:] == 0.5).all()
+    np.testing.assert_allclose(y, exact, rtol=0, atol=3e-7)          # A&S: 0.75e-7 on Φ, plus float32 rounding
+    with kernels.disabled():
+        np.testing.assert_array_equal(normal_cdf(x), y)
+    np.testing.assert_allclose(normal_cdf(x), y, rtol=0, atol=1e-7)          # the kernel: the same formula
