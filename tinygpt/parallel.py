@@ -43,7 +43,7 @@ import numpy as np
 import tinygpt
 from tinygpt import backend, cpu_kernels
 
-__all__ = ["DataParallel", "choose_workers", "default_workers"]
+__all__ = ["DataParallel", "choose_workers", "default_workers", "split_rows"]
 
 _HEADER = struct.Struct("<BBqdII")     # training and backward flags, dropout seed, gradient scale, rows,
                                        # columns; then x, y
@@ -65,6 +65,13 @@ def choose_workers(requested: int, model: Any, tokens: int) -> int:
     if requested > 0:
         return requested
     return default_workers() if 6 * model.num_parameters() * tokens >= MIN_FLOPS else 1
+
+
+def split_rows(rows: int, parts: int) -> list[int]:
+    """Where `parts` slices of a batch of `rows` rows start and end: slice r is rows edges[r]:edges[r + 1]
+    (sizes differ by at most one; with more parts than rows, some slices are empty). Used by DataParallel
+    and by tinygpt.distributed, so processes and MPI ranks cut a batch the same way."""
+    return [rows * r // parts for r in range(parts + 1)]
 
 
 def _shared_like(arrays: list) -> list:
@@ -199,7 +206,7 @@ class DataParallel:
             raise ValueError(f"DataParallel needs x and y of one (B, T) shape, got {xh.shape} and {yh.shape}")
         B = xh.shape[0]
         parts = min(self.workers, B) if self._procs else 1
-        edges = [B * r // parts for r in range(parts + 1)]
+        edges = split_rows(B, parts)
         backward = grad_scale is not None
 
         def share(rows: int) -> float | None:       # a slice's weight in the batch's mean loss, for its gradient
