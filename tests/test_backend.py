@@ -131,10 +131,26 @@ def test_scatter_add_accumulates_repeats(on_strict, strict):
     assert_allclose(backend.to_numpy(target), [[0, 0], [0 + 2 + 6, 1 + 3 + 7], [0, 0], [4, 5]])
 
 
-def test_synchronize_cpu_is_a_noop(strict):
-    backend.synchronize("cpu")
-    backend.synchronize(None)
-    backend.synchronize(DEVICE)
+def test_synchronize_waits_for_the_cuda_stream_only(strict):
+    waits = []
+
+    class Stream:
+        def synchronize(self):
+            waits.append(1)
+
+    class Cuda:                                              # what synchronize may touch of CuPy
+        get_current_stream = staticmethod(Stream)
+
+    class Module:                                            # an array module that records a stream wait
+        cuda = Cuda
+
+    assert backend.synchronize(backend.Device("cuda", Module, object)) is None
+    assert waits == [1]                                      # one wait on the current stream
+    for device in ("cpu", None, DEVICE, backend.Device("cpu", Module, np.ndarray)):
+        assert backend.synchronize(device) is None
+    assert waits == [1]                                      # a no-op elsewhere, even with a .cuda attribute
+    with pytest.raises(backend.DeviceError, match="unknown device"):
+        backend.synchronize("tpu")
 
 
 # --- random state ---------------------------------------------------------------------------------------
