@@ -1,25 +1,19 @@
-"""Tokenizers: turn text into a list of integer ids and back again.
+"""Tokenizers: text -> a list of integer ids in [0, vocab_size), and back again.
 
-A language model never sees characters, only integers in ``[0, vocab_size)``.
-A tokenizer is the (invertible) map between the two::
+    ids = tok.encode("hii there")               # list[int], one id per token
+    tok.decode(ids) == "hii there"              # an exact round trip
 
-    ids = tok.encode("hii there")     # list[int], one id per token
-    tok.decode(ids) == "hii there"    # exact round trip
-
-Two tokenizers live here (char.py and bpe.py; base.py holds what they share):
-
-* :class:`CharTokenizer` -- one token per character; the vocabulary is the
-  sorted set of characters in the training text (65 symbols for Tiny
-  Shakespeare, ``"\\n"`` gets id 0). Tiny vocabulary, long sequences.
-* :class:`BPETokenizer` -- byte-level Byte Pair Encoding as in GPT-2 /
-  minbpe. It starts from the 256 possible bytes (so *any* Unicode text can be
-  encoded) and repeatedly fuses the most frequent adjacent pair into a new
-  token. Bigger vocabulary, shorter sequences.
-
-Both serialise to JSON (never pickle) with a ``"type"`` field, so
-:func:`load` / :func:`from_dict` can restore whichever one a file holds.
+A language model never sees characters, only ids. Two tokenizers live here (char.py and bpe.py; base.py
+holds what they share):
+    CharTokenizer   one token per character; the vocabulary is the sorted set of characters in the
+                    training text (65 symbols for Tiny Shakespeare, "\\n" gets id 0). A tiny vocabulary,
+                    long sequences.
+    BPETokenizer    byte-level Byte Pair Encoding as in GPT-2 / minbpe: it starts from the 256 bytes (so
+                    any Unicode text can be encoded) and again and again fuses the most frequent adjacent
+                    pair into a new token. A bigger vocabulary, shorter sequences.
+Both serialise to JSON (never pickle) with a "type" field, so `load` / `from_dict` restore whichever one a
+file holds.
 """
-
 from __future__ import annotations
 
 import json
@@ -34,7 +28,7 @@ __all__ = ["FORMAT_VERSION", "SPLIT_PATTERN", "BPETokenizer", "CharTokenizer", "
 
 
 def from_dict(d: dict) -> Tokenizer:
-    """Inverse of ``tokenizer.to_dict()``; dispatches on ``d["type"]``."""
+    """The tokenizer that `tokenizer.to_dict()` described (its kind from d["type"]); TokenizerError if none."""
     if not isinstance(d, dict) or "type" not in d:
         raise TokenizerError(f"a tokenizer description must be a dict with a 'type' "
                              f"field ('char' or 'bpe'), got {type(d).__name__}")
@@ -57,7 +51,7 @@ def from_dict(d: dict) -> Tokenizer:
 
 
 def load(path: str | Path) -> Tokenizer:
-    """Read a tokenizer JSON file written by ``save`` (char or BPE)."""
+    """The tokenizer (char or BPE) in a JSON file written by `Tokenizer.save`; TokenizerError if none."""
     path = Path(path)
     try:
         raw = path.read_text(encoding="utf-8")

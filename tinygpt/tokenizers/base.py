@@ -14,7 +14,7 @@ class TokenizerError(ValueError):
 
 
 def _as_id_list(ids) -> list[int]:
-    """Accept a list/tuple of ints, a 1-D NumPy array or a Tensor-like object."""
+    """A list of ints from a list/tuple of ints, a 1-D NumPy array or a Tensor-like object."""
     if hasattr(ids, "tolist"):
         ids = ids.tolist()
     elif hasattr(ids, "numpy"):
@@ -28,6 +28,7 @@ def _as_id_list(ids) -> list[int]:
 
 
 def _check_ids(ids: list[int], vocab_size: int) -> None:
+    """TokenizerError naming the first id outside [0, vocab_size)."""
     if ids and (min(ids) < 0 or max(ids) >= vocab_size):
         bad = next(i for i in ids if not 0 <= i < vocab_size)
         raise TokenizerError(
@@ -36,20 +37,20 @@ def _check_ids(ids: list[int], vocab_size: int) -> None:
 
 
 class Tokenizer:
-    """Shared JSON I/O and hashing. Subclasses define ``vocab_size`` (ids are
-    ``0 .. vocab_size - 1``), ``encode(str) -> list[int]``, ``decode(ids) -> str``
-    and ``to_dict() -> dict`` (plain JSON data, e.g. to embed in a checkpoint)."""
+    """What tokenizers share: JSON I/O and a fingerprint. A subclass defines `vocab_size` (ids are
+    0 .. vocab_size - 1), encode(text) -> list[int], decode(ids) -> text and to_dict() -> dict (plain JSON
+    data, e.g. to embed in a checkpoint)."""
 
     kind = "base"
 
     @property
     def fingerprint(self) -> str:
-        """sha256 (hex) of the canonical JSON form; equal tokenizers share it."""
+        """sha256 (hex) of the canonical JSON form; equal tokenizers share it (it keys the token cache)."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
     def save(self, path: str | Path) -> Path:
-        """Write the tokenizer as JSON to ``path`` and return the path."""
+        """Write the tokenizer as JSON to `path`; returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
@@ -57,7 +58,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        """Read a tokenizer saved with :meth:`save`; it must be of this class."""
+        """The tokenizer that `save` wrote to `path`; it must be of this class (TokenizerError if not)."""
         from tinygpt.tokenizers import load      # the package's loader knows every kind
         tok = load(path)
         if cls is not Tokenizer and not isinstance(tok, cls):

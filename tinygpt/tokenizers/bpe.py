@@ -8,22 +8,20 @@ from typing import Iterable
 
 from tinygpt.tokenizers.base import FORMAT_VERSION, Tokenizer, TokenizerError, _as_id_list, _check_ids
 
-#: Pre-tokenizer regex: the GPT-2 split pattern rewritten for the standard
-#: ``re`` module (no ``regex`` dependency, so no ``\p{L}``). Pieces, in order:
-#: English contractions; an optional space + letters (``[^\W\d_]`` = word
-#: characters that are neither digits nor ``_``); an optional space + digits;
-#: an optional space + punctuation/symbols (anything not space, letter or
-#: digit, ``_`` included); runs of whitespace. Every character matches one
-#: branch, so the pieces always concatenate back to the original text.
-#: BPE merges never cross piece boundaries, so " dog" and "dog." stay separate.
+# The pre-tokenizer: GPT-2's split pattern rewritten for the standard `re` module (no `regex` dependency,
+# so no \p{L}). Pieces, in order: English contractions; an optional space + letters ([^\W\d_]: word
+# characters that are neither digits nor _); an optional space + digits; an optional space + punctuation
+# and symbols (anything not space, letter or digit, _ included); runs of whitespace. Every character
+# matches one branch, so the pieces always concatenate back to the text. BPE merges never cross piece
+# boundaries, so " dog" and "dog." stay separate.
 SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
 
 _ENCODE_CACHE_LIMIT = 1_000_000  # max distinct chunks remembered by BPE.encode
 
 
 def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """Replace every non-overlapping occurrence of ``pair`` in ``ids`` (left
-    to right) by ``new_id``: ``_merge([1, 2, 1, 2, 3], (1, 2), 9) == [9, 9, 3]``."""
+    """ids with every non-overlapping occurrence of `pair` (left to right) replaced by new_id:
+    _merge([1, 2, 1, 2, 3], (1, 2), 9) == [9, 9, 3]."""
     out, i, n = [], 0, len(ids)
     a, b = pair
     while i < n:
@@ -36,8 +34,8 @@ def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     return out
 
 
-#: Patterns run as they are. Any other split pattern (it may come from a tokenizer file or a checkpoint)
-#: must pass _check_linear first, so that no file can make encoding backtrack for ever.
+# Patterns run as they are. Any other split pattern (it may come from a tokenizer file or a checkpoint)
+# must pass _check_linear first, so that no file can make encoding backtrack for ever.
 KNOWN_PATTERNS = (SPLIT_PATTERN,)
 _MAX_PATTERN_LEN = 1000
 _MAX_BACKTRACK = 256        # alternatives a branch may try at one position (optional pieces multiply it)
@@ -99,6 +97,7 @@ def _check_linear(pattern: str, parsed) -> None:
 
 
 def _compile_pattern(pattern: str) -> re.Pattern:
+    """The compiled split pattern, once it is known or passes _check_linear; TokenizerError if not."""
     if not isinstance(pattern, str) or len(pattern) > _MAX_PATTERN_LEN:
         raise TokenizerError(f"the split pattern must be a str of at most {_MAX_PATTERN_LEN} characters, got "
                              f"{type(pattern).__name__} of length {len(pattern) if isinstance(pattern, str) else '?'}")
@@ -114,6 +113,7 @@ def _compile_pattern(pattern: str) -> re.Pattern:
 
 
 def _sre_parse(pattern: str, flags: int):
+    """The regex parser's tree of `pattern` (what _check_linear reads)."""
     try:
         from re import _parser as sre_parse            # Python 3.11+
     except ImportError:                                 # pragma: no cover - older Pythons
@@ -122,7 +122,7 @@ def _sre_parse(pattern: str, flags: int):
 
 
 def _special_splitter(specials: Iterable[str]) -> re.Pattern | None:
-    """Regex whose capturing group matches any special token (longest first)."""
+    """A regex whose capturing group matches any special token (longest first); None without any."""
     specials = sorted(specials, key=len, reverse=True)
     if not specials:
         return None
@@ -130,11 +130,11 @@ def _special_splitter(specials: Iterable[str]) -> re.Pattern | None:
 
 
 class BPETokenizer(Tokenizer):
-    """Byte-level BPE: ids 0..255 are raw bytes, id ``256 + k`` is merge ``k``,
-    and special tokens (e.g. ``"<|endoftext|>"``) take the ids after that.
+    """Byte-level BPE: ids 0..255 are raw bytes, id 256 + k is merge k, and special tokens (e.g.
+    "<|endoftext|>") take the ids after that.
 
-    ``merges[k] = (a, b)`` means "the adjacent pair of tokens a, b becomes token
-    256 + k"; a lower k is a higher priority (rank) when encoding.
+    merges[k] = (a, b) means "the adjacent tokens a, b become token 256 + k"; a lower k is a higher
+    priority (rank) when encoding.
     """
 
     kind = "bpe"
@@ -161,27 +161,24 @@ class BPETokenizer(Tokenizer):
 
     @property
     def vocab_size(self) -> int:
+        """256 bytes + the merges + the special tokens."""
         return len(self._id_bytes)
 
     # ---- training ---------------------------------------------------------
     @classmethod
     def train(cls, text: str, vocab_size: int, *, special_tokens: Iterable[str] = (),
               pattern: str = SPLIT_PATTERN, verbose: bool = False) -> "BPETokenizer":
-        """Learn ``vocab_size - 256 - len(special_tokens)`` merges from ``text``.
+        """Learn vocab_size - 256 - len(special_tokens) merges from `text`.
 
-        Algorithm (incremental, so each merge costs only what it touches):
-
-        1. Split ``text`` into chunks with ``pattern`` and count each *unique*
-           chunk: Tiny Shakespeare's ~300k chunks are only ~15k distinct words.
-        2. ``counts[(a, b)]`` = sum over words of freq(word) * #occurrences of
-           the pair; ``where[(a, b)]`` = set of words that contain it.
-        3. Repeat: take the most frequent pair (ties -> smallest ids), give it a
-           new id, rewrite only the words in ``where[pair]``, and for each of
-           them subtract its old pairs' counts and add its new ones. A heap
-           with lazy deletion finds the maximum without rescanning all pairs.
-
-        Training stops early if no pair is left (tiny text); ``vocab_size`` is
-        then smaller than requested.
+        Incremental, so each merge costs only what it touches:
+            1. split text into chunks with `pattern` and count each distinct chunk (Tiny Shakespeare's
+               ~300k chunks are only ~15k distinct words);
+            2. counts[(a, b)] = Σ over words of freq(word) · occurrences of the pair in it,
+               where[(a, b)] = the words that hold it;
+            3. repeat: take the most frequent pair (ties: the smallest ids), give it a new id, rewrite only
+               the words in where[pair], and for each subtract its old pairs' counts and add its new ones.
+               A heap with lazy deletion finds the maximum without rescanning all pairs.
+        Training stops early when no pair is left (a tiny text); vocab_size is then smaller than asked.
         """
         specials = list(special_tokens)
         num_merges = vocab_size - 256 - len(specials)
@@ -248,8 +245,8 @@ class BPETokenizer(Tokenizer):
 
     # ---- encoding / decoding ------------------------------------------------
     def _encode_chunk(self, chunk: str) -> list[int]:
-        """Bytes of one pre-tokenized chunk -> ids, applying merges by rank:
-        repeatedly fuse the adjacent pair that was learned earliest."""
+        """One pre-tokenized chunk's bytes -> ids, merges applied by rank: again and again, fuse the
+        adjacent pair that was learned earliest."""
         ids = list(chunk.encode("utf-8"))
         ranks = self.ranks
         while len(ids) >= 2:
@@ -260,6 +257,7 @@ class BPETokenizer(Tokenizer):
         return ids
 
     def _allowed_specials(self, allowed_special) -> set[str]:
+        """The special tokens that `allowed_special` ("all", "none" or a set of them) lets encode() see."""
         if allowed_special == "all":
             return set(self.special_tokens)
         if allowed_special == "none":
@@ -272,12 +270,11 @@ class BPETokenizer(Tokenizer):
         return allowed
 
     def encode(self, text: str, allowed_special="all") -> list[int]:
-        """``str`` -> list of ids.
+        """Text -> list of ids.
 
-        ``allowed_special``: ``"all"`` (default) turns every occurrence of a
-        special token string into its single id; ``"none"`` encodes such text
-        as ordinary bytes; a set of strings allows only those. Distinct chunks
-        are memoised, so encoding a whole corpus costs about one regex pass.
+        allowed_special: "all" turns every occurrence of a special token's text into its one id; "none"
+        encodes such text as ordinary bytes; a set of strings allows only those. Distinct chunks are
+        memoised, so encoding a whole corpus costs about one regex pass.
         """
         try:
             text.encode("utf-8")
@@ -307,14 +304,15 @@ class BPETokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        """ids -> bytes -> ``str``. Invalid UTF-8 (e.g. a sequence cut in the
-        middle of a multi-byte character) becomes U+FFFD instead of failing."""
+        """ids -> bytes -> text. Invalid UTF-8 (e.g. a sequence cut in the middle of a multi-byte
+        character) becomes U+FFFD instead of failing."""
         ids = _as_id_list(ids)
         _check_ids(ids, self.vocab_size)
         table = self._id_bytes
         return b"".join([table[i] for i in ids]).decode("utf-8", errors="replace")
 
     def to_dict(self) -> dict:
+        """Plain JSON data (merges, special tokens, split pattern) that from_dict turns back into this."""
         return {"type": "bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
                 "merges": [list(m) for m in self.merges],
                 "special_tokens": self.special_tokens}

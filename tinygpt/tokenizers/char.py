@@ -7,7 +7,7 @@ from tinygpt.tokenizers.base import FORMAT_VERSION, Tokenizer, TokenizerError, _
 
 
 class CharTokenizer(Tokenizer):
-    """One token per character. ``chars[i]`` is the character with id ``i``."""
+    """One token per character: chars[i] is the character with id i."""
 
     kind = "char"
 
@@ -21,7 +21,7 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
-        """Vocabulary = sorted set of characters in ``text`` (must be non-empty)."""
+        """The tokenizer whose vocabulary is the sorted set of characters in `text` (not empty)."""
         if not text:
             raise TokenizerError("cannot build a CharTokenizer from empty text; "
                                  "pass the training corpus")
@@ -29,10 +29,11 @@ class CharTokenizer(Tokenizer):
 
     @property
     def vocab_size(self) -> int:
+        """The number of distinct characters."""
         return len(self.chars)
 
     def encode(self, text: str) -> list[int]:
-        """``str`` of length L -> list of L ids."""
+        """Text of length L -> a list of L ids; TokenizerError names a character outside the vocabulary."""
         stoi = self.stoi
         try:
             return [stoi[c] for c in text]
@@ -44,13 +45,14 @@ class CharTokenizer(Tokenizer):
                 f"tokenizer from text that contains it or remove it") from None
 
     def decode(self, ids: Iterable[int]) -> str:
-        """List of ids -> ``str`` (one character per id)."""
+        """A list of ids -> text, one character per id."""
         ids = _as_id_list(ids)
         _check_ids(ids, self.vocab_size)
         chars = self.chars
         return "".join([chars[i] for i in ids])
 
     def to_dict(self) -> dict:
+        """Plain JSON data (the characters in id order) that from_dict turns back into this."""
         return {"type": "char", "version": FORMAT_VERSION, "chars": self.chars}
 
     def __repr__(self) -> str:
