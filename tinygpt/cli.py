@@ -7,7 +7,9 @@
 
 Bad input (a missing corpus, an unknown preset, a damaged checkpoint, ...) prints one line on stderr,
 `tinygpt: error: ...`, and exits with status 2 without a traceback and without touching existing files.
-Ctrl-C during training saves out_dir/ckpt_last.safetensors first and exits with status 130.
+Ctrl-C, SIGTERM or SIGHUP during training saves out_dir/ckpt_last.safetensors first and exits with status
+128 + the signal (130, 143, 129). A busy out-dir, a full disk, a run too big for memory, or a loss that
+became nan is one line and status 2 as well.
 """
 from __future__ import annotations
 
@@ -70,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tinygpt import backend
+    from tinygpt import backend, distributed
     from tinygpt.train import RunSettings, Trainer, TrainingInterrupted
+
+    world = distributed.init()           # under mpiexec or srun, MPI starts here; alone, nothing happens
 
     given = {f.name: getattr(args, f.name) for f in fields(RunSettings)
              if f.metadata["flag"] and getattr(args, f.name) is not None}
@@ -86,18 +90,21 @@ def _train(args: argparse.Namespace) -> int:
         trainer = Trainer(settings, progress=progress)
     s = trainer.settings
     n = trainer.model.num_parameters()
-    print(f"tinygpt: preset {s.preset}, corpus {s.data}, {trainer.tokenizer.kind} tokenizer "
-          f"(vocab {trainer.tokenizer.vocab_size}), {n:,} parameters, device {s.device}, "
-          f"{'resuming at iteration ' + str(trainer.iter) if args.resume else 'out_dir ' + str(s.out_dir)}",
-          flush=True)
+    if world.is_main:                    # rank 0 speaks for the job (its lines, log.jsonl, checkpoints)
+        print(f"tinygpt: preset {s.preset}, corpus {s.data}, {trainer.tokenizer.kind} tokenizer "
+              f"(vocab {trainer.tokenizer.vocab_size}), {n:,} parameters, device {s.device}, "
+              f"{'resuming at iteration ' + str(trainer.iter) if args.resume else 'out_dir ' + str(s.out_dir)}"
+              f"{f', {world.world_size} ranks' if world.world_size > 1 else ''}", flush=True)
     try:
         result = trainer.run()
     except TrainingInterrupted as e:
-        sys.stderr.write(f"tinygpt: {e}\n")
-        return EXIT_INTERRUPTED
+        if world.is_main:
+            sys.stderr.write(f"tinygpt: {e}\n")
+        return 128 + e.signum                                 # 130 for Ctrl-C, 143 SIGTERM, 129 SIGHUP
     best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
-    print(f"tinygpt: done at iteration {result.iter} in {result.elapsed_s:.1f} s, best val loss {best}; "
-          f"sample with: tinygpt sample --out-dir {s.out_dir}", flush=True)
+    if world.is_main:
+        print(f"tinygpt: done at iteration {result.iter} in {result.elapsed_s:.1f} s, best val loss {best}; "
+              f"sample with: tinygpt sample --out-dir {s.out_dir}", flush=True)
     return 0
 
 
@@ -129,11 +136,13 @@ def _bench(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tinygpt` console script; returns the exit status."""
     from tinygpt import backend, checkpoint, data, nn, optim, tokenizers
+    from tinygpt.distributed import DistributedError, fail
     from tinygpt.models import ConfigError
 
     known = (data.DataError, tokenizers.TokenizerError, checkpoint.CheckpointError, ConfigError,
              backend.DeviceError, nn.StateDictError, optim.OptimizerStateError, ValueError, UnicodeDecodeError,
-             NotImplementedError, OSError)    # OSError: a missing file, a read-only or full disk, ...
+             NotImplementedError, OSError,    # OSError: a missing file, a read-only or full disk, ...
+             DistributedError)                # no mpi4py under mpiexec, a bad $TINYGPT_COLLECTIVE_TIMEOUT
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:                                   # --help (0) or a usage error (2, one line)
@@ -144,9 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
         return 0
-    except known as e:
-        sys.stderr.write(f"tinygpt: error: {' '.join(str(e).split()) or type(e).__name__}\n")
-        return EXIT_USAGE
+    except known as e:                  # under mpiexec: said once, and every rank ends (distributed.fail)
+        return fail(f"tinygpt: error: {' '.join(str(e).split()) or type(e).__name__}", EXIT_USAGE)
+    except MemoryError:                 # what the estimate before allocating (tinygpt/memory.py) missed
+        return fail("tinygpt: error: out of memory; use a smaller --batch-size, --block-size, --n-embd or "
+                    "--n-layer", EXIT_USAGE)
     except KeyboardInterrupt:
-        sys.stderr.write("tinygpt: interrupted\n")
-        return EXIT_INTERRUPTED
+        return fail("tinygpt: interrupted", EXIT_INTERRUPTED)
