@@ -68,6 +68,7 @@ class StreamDecoder:
         self.pending: list[int] = []
 
     def push(self, token: int) -> str:
+        """The text that token (with any held back before it) completes; "" while a character is split."""
         self.pending.append(int(token))
         text = self.tokenizer.decode(self.pending)
         if text.endswith("\ufffd") and len(self.pending) < self.max_pending:
@@ -76,6 +77,7 @@ class StreamDecoder:
         return text
 
     def flush(self) -> str:
+        """What is still held back, decoded as it is (an incomplete character becomes U+FFFD)."""
         text = self.tokenizer.decode(self.pending) if self.pending else ""
         self.pending = []
         return text

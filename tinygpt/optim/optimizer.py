@@ -127,6 +127,7 @@ class Optimizer:
 
     # --- saving and resuming -----------------------------------------------------------------------------
     def _all_params(self) -> list[Tensor]:
+        """Every parameter, group by group: a parameter's index in state_dict() is its place here."""
         return [p for g in self.param_groups for p in g["params"]]
 
     def state_dict(self) -> dict:
@@ -192,6 +193,8 @@ class Optimizer:
         self.state = new_state
 
     def _load_param_state(self, index: int, p: Tensor, saved: dict) -> dict:
+        """Parameter `index`'s saved state, checked (its keys, each array's shape == p.shape) and copied onto
+        p's device in p's dtype; OptimizerStateError names what does not fit."""
         name, out = type(self).__name__, {}
         for k, v in saved.items():
             if k not in self._state_keys:

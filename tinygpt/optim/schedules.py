@@ -17,12 +17,14 @@ __all__ = ["ConstantLR", "WarmupCosineLR", "StepLR", "schedule_from_state"]
 
 
 class _Schedule:
+    """The base of the schedules: `kind` names the class in state_dict(); every attribute is a setting."""
     kind = ""
 
     def __call__(self, it: int) -> float:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
+        """The settings as JSON-able data, with "kind": what schedule_from_state rebuilds it from."""
         return {"kind": self.kind, **vars(self)}
 
     def __repr__(self) -> str:

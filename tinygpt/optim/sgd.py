@@ -33,6 +33,7 @@ class SGD(Optimizer):
                                       weight_decay=weight_decay))
 
     def _check_hyperparameters(self, group: dict) -> None:
+        """ValueError for a negative momentum or weight decay, or Nesterov without momentum or with dampening."""
         super()._check_hyperparameters(group)
         if not group["momentum"] >= 0.0:
             raise ValueError(f"SGD: momentum must be >= 0, got {group['momentum']}")
@@ -43,6 +44,7 @@ class SGD(Optimizer):
                              f"{group['momentum']}, dampening={group['dampening']}")
 
     def _update_param(self, p: Tensor, grad: Any, state: dict, group: dict) -> None:
+        """One step of the module docstring's rule, in place on p.data; the buffer b_t lives in `state`."""
         lr, mu = float(group["lr"]), float(group["momentum"])
         tau, wd = float(group["dampening"]), float(group["weight_decay"])
         theta = p.data
