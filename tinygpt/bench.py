@@ -132,6 +132,7 @@ def _setup(preset: str, batch_size: int, device: str, workers: int | None = None
 
 
 def _torch_step(config, model, batch, hyper, device) -> Callable:
+    """torch's training step on a copy of `model` (same weights, same batch, same AdamW settings)."""
     from tinygpt import bench_torch
     tmodel = bench_torch.build(config, model.state_dict(), device)
     tmodel.train()
@@ -139,6 +140,7 @@ def _torch_step(config, model, batch, hyper, device) -> Callable:
 
 
 def _timed(step: Callable, n: int, sync: Callable[[], None]) -> list:
+    """Seconds of each of n calls of step(), the device synchronized before and after each."""
     out = []
     for _ in range(n):
         sync()
@@ -196,6 +198,7 @@ def _child_peak_rss(framework: str, preset: str, batch_size: int, device: str) -
 
 
 def _child(args: argparse.Namespace) -> int:
+    """The peak-RSS child process: 5 steps of one framework, then {"peak_rss_mb": ...} on stdout."""
     workers = 1 if args._child == "torch" else args.workers       # torch's process: no idle worker in it
     config, model, step, batch, hyper = _setup(args.preset, args.batch_size, args.device, workers)
     if args._child == "torch":
@@ -315,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(result: dict, as_json: bool) -> int:
+    """Print the result as one JSON object or as aligned "key: value" lines; returns 0."""
     if as_json:
         print(json.dumps(result))
         return 0

@@ -25,6 +25,8 @@ def build(config: Any, state_dict: dict, device: str):
     C, nh = config.n_embd, config.n_head
 
     class Attention(nn.Module):
+        """Causal self-attention, all heads at once: x (B, T, C) -> (B, T, C)."""
+
         def __init__(self):
             super().__init__()
             self.c_attn = nn.Linear(C, 3 * C, bias=config.attn_bias)
@@ -40,6 +42,8 @@ def build(config: Any, state_dict: dict, device: str):
             return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
     class MLP(nn.Module):
+        """C -> 4C -> GELU or ReLU -> C, position by position: (B, T, C) -> (B, T, C)."""
+
         def __init__(self):
             super().__init__()
             self.c_fc = nn.Linear(C, 4 * C, bias=config.bias)
@@ -51,6 +55,8 @@ def build(config: Any, state_dict: dict, device: str):
             return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
     class Block(nn.Module):
+        """Pre-LayerNorm residual block: x + attn(ln_1(x)), then + mlp(ln_2(·)); (B, T, C) -> (B, T, C)."""
+
         def __init__(self):
             super().__init__()
             self.ln_1 = nn.LayerNorm(C, bias=config.bias)
@@ -63,6 +69,8 @@ def build(config: Any, state_dict: dict, device: str):
             return x + self.mlp(self.ln_2(x))
 
     class TorchGPT(nn.Module):
+        """GPT with nanoGPT's parameter names: forward(idx (B, T), targets (B, T)) -> the mean loss (0-d)."""
+
         def __init__(self):
             super().__init__()
             self.transformer = nn.ModuleDict(dict(
@@ -109,6 +117,7 @@ def make_step(model: Any, idx: Any, targets: Any, lr: float, weight_decay: float
 
 
 def synchronize(device: str) -> None:
+    """Wait for torch's queued CUDA work (a no-op on the CPU); called before reading a clock."""
     import torch
     if device == "cuda":
         torch.cuda.synchronize()

@@ -60,6 +60,7 @@ class Checkpoint:
 
     @property
     def iter(self) -> int:
+        """The iteration the run had reached when it was saved (0 when the header has none)."""
         return int(self.meta.get("iter", 0))
 
 
@@ -124,6 +125,7 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
 
 
 def _fsync_dir(path: Path) -> None:
+    """Flush the folder's entries to disk, so a rename into it survives a power cut (best effort)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

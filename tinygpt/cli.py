@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """`tinygpt train`: the flags given over the preset (or the checkpoint, with --resume); runs to max_iters."""
     from tinygpt import backend, distributed
     from tinygpt.train import RunSettings, Trainer, TrainingInterrupted
 
@@ -109,6 +110,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    """`tinygpt sample`: stream num_samples texts from out_dir's checkpoint to stdout."""
     import tinygpt
     from tinygpt import backend, checkpoint
     from tinygpt.sample import main_stream
@@ -129,6 +131,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    """`tinygpt bench` (tinygpt/bench.py)."""
     from tinygpt import bench
     return int(bench.run(args) or 0)
 

@@ -42,6 +42,7 @@ def _float64_inputs(inputs: Sequence[Any]) -> list:
 
 
 def _scalar_loss(fn: Callable, args: list, r: Any) -> Any:
+    """(y, L): y = fn(*args) (a Tensor, TypeError if not) and L = Σ y ⊙ r (None without r)."""
     y = fn(*args)
     if not isinstance(y, Tensor):
         raise TypeError(f"gradcheck: fn must return a Tensor, got {type(y).__name__}")
@@ -116,6 +117,8 @@ def gradcheck(fn: Callable, inputs: Sequence[Any], eps: float = 1e-6, atol: floa
 
 
 def _compare(analytic: np.ndarray, numeric: np.ndarray, index: int, atol: float, rtol: float) -> None:
+    """GradcheckError naming the first position of input `index` where |analytic − numeric| >
+    atol + rtol · |numeric| (both arrays of the input's shape)."""
     err = np.abs(analytic - numeric)
     bad = err > atol + rtol * np.abs(numeric)
     if bad.any():

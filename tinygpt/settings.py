@@ -36,10 +36,12 @@ class Range:
     hi_open: bool = False
 
     def ok(self, v: float) -> bool:
+        """Whether v lies in the range."""
         return ((self.lo is None or v > self.lo or (v == self.lo and not self.lo_open))
                 and (self.hi is None or v < self.hi or (v == self.hi and not self.hi_open)))
 
     def describe(self) -> str:
+        """The range as an error message says it: ">= 0", "> 0", "in [0, 1)"."""
         if self.lo is not None and self.hi is not None:
             return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
         if self.lo is not None:
@@ -56,9 +58,11 @@ class OneOf:
         object.__setattr__(self, "choices", choices)
 
     def ok(self, v: str) -> bool:
+        """Whether v is one of the choices."""
         return v in self.choices
 
     def describe(self) -> str:
+        """"one of a, b, c"."""
         return "one of " + ", ".join(self.choices)
 
 
@@ -110,6 +114,7 @@ def check_fields(obj: Any, skip: Callable[[Any], bool] = lambda f: False) -> Non
 
 
 def _read_bool(text: str) -> bool:
+    """true/yes/on/1 -> True, false/no/off/0 -> False (any case); ArgumentTypeError for anything else."""
     low = text.strip().lower()
     if low in ("1", "true", "yes", "on"):
         return True
