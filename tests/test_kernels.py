@@ -58,14 +58,19 @@ def kernel_calls(monkeypatch):
     return calls
 
 
+def _make_kernels_raise(monkeypatch, keep=()):
+    for mod in KERNEL_MODULES:
+        for name in public_functions(mod):
+            if name not in keep:
+                def boom(*a, _n=f"{mod.__name__}.{name}", **k):
+                    raise AssertionError(f"{_n} was called with the kernels switched off")
+                monkeypatch.setattr(mod, name, boom)
+
+
 @pytest.fixture
 def kernels_raise(monkeypatch):
     """Every public kernel function raises."""
-    for mod in KERNEL_MODULES:
-        for name in public_functions(mod):
-            def boom(*a, _n=f"{mod.__name__}.{name}", **k):
-                raise AssertionError(f"{_n} was called with the kernels switched off")
-            monkeypatch.setattr(mod, name, boom)
+    _make_kernels_raise(monkeypatch)
 
 
 @pytest.fixture
@@ -233,6 +238,28 @@ def test_env_reference_in_a_fresh_process_never_calls_a_kernel():
                        env={**os.environ, "TINYGPT_KERNELS": "reference"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == "trained without kernels"
+
+
+THREAD_SETTINGS = ("num_cores", "num_threads", "set_num_threads")     # how many threads; no math
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="data parallelism forks: Linux only")
+def test_disabled_trainer_with_forked_workers(monkeypatch, tmp_path):
+    """`tinygpt train`'s loop, with 2 data-parallel processes (forked after the switch and the traps are
+    set), never calls a kernel; only parallel.py's thread settings from cpu_kernels remain."""
+    import io
+    from tinygpt.train import RunSettings, Trainer
+    monkeypatch.setenv("TINYGPT_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(np.random.default_rng(0).choice(["the ", "cat ", "sat\n"], 2000)))
+    settings = RunSettings.from_preset("cpu", n_layer=2, n_head=2, n_embd=16, block_size=8, batch_size=4,
+                                       eval_iters=2, eval_interval=3, max_iters=3, dropout=0.1, workers=2,
+                                       data=str(corpus), out_dir=str(tmp_path / "out"))
+    _make_kernels_raise(monkeypatch, keep=THREAD_SETTINGS)
+    with kernels.disabled():
+        trainer = Trainer(settings, progress=False, out=io.StringIO())
+        trainer.run()
+    assert trainer.iter == 3 and trainer.best_val_loss is not None and np.isfinite(trainer.best_val_loss)
 
 
 class _NeverAnArray:
