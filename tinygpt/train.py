@@ -10,8 +10,12 @@ One iteration (nanoGPT's train.py):
     clip the global gradient norm to grad_clip; AdamW step (decay on 2-D weights only); zero the grads
 
 Every eval_interval iterations (and at the last one) it averages the loss of eval_iters batches per split in
-eval mode under no_grad, appends a line to out_dir/log.jsonl, and writes out_dir/ckpt_last.safetensors
-(and ckpt_best.safetensors when val loss improved).
+eval mode under no_grad, writes out_dir/ckpt_last.safetensors (and ckpt_best.safetensors when val loss
+improved), then appends a line to out_dir/log.jsonl.
+
+A kill, a full disk or a nan (tinygpt/rundir.py lists what each keeps): one run per out-dir (a lock);
+Ctrl-C, SIGTERM and SIGHUP save first; a nan or inf loss or weight stops the run without saving it
+(TrainingDiverged); a run that cannot fit in memory is refused before allocating (tinygpt/memory.py).
 
 Exact resume: a checkpoint holds the weights, the AdamW moments and step counts, the iteration, the state of
 the batch generator and of the host generator (dropout on the CPU), and the settings (the schedule follows
@@ -20,28 +24,38 @@ moves the training streams. A run stopped at iteration k and resumed ends bit-id
 """
 from __future__ import annotations
 
-import json
-import os
+import math
 import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TextIO
 
 import numpy as np
 
 import tinygpt
-from tinygpt import backend, checkpoint, data, models, optim, tokenizers
+from tinygpt import backend, checkpoint, data, memory, models, optim, rundir, tokenizers
 from tinygpt.parallel import DataParallel, choose_workers
+from tinygpt import distributed
 from tinygpt.settings import RESUMABLE, RunSettings, make_schedule, resumed_settings
 
-__all__ = ["RunSettings", "Trainer", "TrainResult", "TrainingInterrupted", "estimate_loss", "make_schedule",
-           "prepare_data", "RESUMABLE"]
+__all__ = ["RunSettings", "Trainer", "TrainResult", "TrainingInterrupted", "TrainingDiverged", "estimate_loss",
+           "make_schedule", "prepare_data", "RESUMABLE"]
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C during training: the last checkpoint was saved; the message says how to resume."""
+    """Ctrl-C, SIGTERM or SIGHUP during training: the last checkpoint was saved; the message says how to
+    resume. `signum` is the signal (the command exits with 128 + signum)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+class TrainingDiverged(ValueError):
+    """A loss or a weight became nan or inf: the run stopped without saving them (the last checkpoint on
+    disk is the last good one)."""
 
 
 @dataclass
@@ -116,27 +130,11 @@ class _Stop(Exception):
     """Raised inside evaluation when Ctrl-C asked the run to stop."""
 
 
-class _SigintFlag:
-    """First Ctrl-C: set a flag that the loop checks between iterations (so it stops at a clean point and
-    saves). Second Ctrl-C: the usual KeyboardInterrupt. Only installable from the main thread."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old = None
-
-    def __enter__(self) -> "_SigintFlag":
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+def _out_dir_lock(out_dir) -> rundir.OutDirLock:
+    """The out-dir's lock, taken by the process that writes there: under MPI rank 0 (the others hold one
+    they never took, whose release does nothing)."""
+    lock = rundir.OutDirLock(out_dir)
+    return lock.acquire() if distributed.init().is_main else lock
 
 
 class Trainer:
@@ -147,14 +145,25 @@ class Trainer:
     """
 
     def __init__(self, settings: RunSettings, *, progress: bool | None = None, out: TextIO | None = None,
-                 log_interval: int | None = None, _ckpt: checkpoint.Checkpoint | None = None):
+                 log_interval: int | None = None, _ckpt: checkpoint.Checkpoint | None = None,
+                 _lock: rundir.OutDirLock | None = None):
+        lock = _lock or _out_dir_lock(settings.out_dir)   # the checks below run under it
+        try:
+            self._init(settings, progress, out, log_interval, _ckpt)
+        except BaseException:
+            lock.release(remove_dir=True)          # a refused run leaves nothing behind
+            raise
+        self._lock: rundir.OutDirLock | None = lock
+
+    def _init(self, settings: RunSettings, progress: bool | None, out: TextIO | None, log_interval: int | None,
+              ckpt: checkpoint.Checkpoint | None) -> None:
         self.out = out if out is not None else sys.stdout
         self.progress = progress
         self.device = backend.get_device(settings.device)         # CudaUnavailableError before any work
+        self.world = distributed.init(self.device)    # alone: rank 0 of 1, no MPI; launched: this rank's GPU
         backend.tune_allocator()                                   # glibc keeps each step's freed blocks
         out_dir = Path(settings.out_dir)
         last = checkpoint.checkpoint_path(out_dir, "last")
-        ckpt = _ckpt
         if ckpt is None and last.exists():
             raise checkpoint.CheckpointError(
                 f"{str(out_dir)!r} already holds a checkpoint ({last.name}); pass --resume to continue it, "
@@ -173,8 +182,16 @@ class Trainer:
             raise checkpoint.CheckpointError(f"checkpoint {str(last)!r} has no usable tokenizer ({e})") from None
         self.tokenizer, self.train_ids, self.val_ids = prepare_data(s, saved_tok)
 
+        config = s.model_config(self.tokenizer.vocab_size)
+        if ckpt is not None:                        # sizes from the header must be the tensors' (no huge alloc)
+            checkpoint.check_tokenizer(saved_tok, ckpt.meta.get("model_config", config), last)
+            checkpoint.check_model_config(config, ckpt.model_state, last)
+        n_params = memory.parameter_count(config)
+        sized = SimpleNamespace(num_parameters=lambda: n_params)           # the model before it exists
+        workers = choose_workers(s.workers, sized, s.batch_size * s.block_size) if self.device.name == "cpu" else 1
+        memory.check_fits(config, s.batch_size, s.block_size, workers, self.device.name)
         tinygpt.manual_seed(s.seed)
-        self.model = models.model_from_config(s.model_config(self.tokenizer.vocab_size), device=self.device)
+        self.model = models.model_from_config(config, device=self.device)
         self.optimizer = optim.AdamW(optim.weight_decay_groups(self.model, s.weight_decay), lr=s.lr,
                                      betas=(s.beta1, s.beta2))
         self.schedule = make_schedule(s)
@@ -196,6 +213,8 @@ class Trainer:
                                                  f"({' '.join(str(e).split())})") from None
         self.history: list[dict] = []
         self._parallel: DataParallel | None = None      # made by run() on the CPU
+        self._saved_iter = self.iter if ckpt is not None else None     # the last checkpoint written
+        self._log_record = ckpt.meta.get("log_record") if ckpt is not None else None   # its log line
 
     @classmethod
     def resume(cls, out_dir: str | Path, overrides: dict | None = None, **kwargs: Any) -> "Trainer":
@@ -210,9 +229,20 @@ class Trainer:
         if not last.is_file():
             raise checkpoint.CheckpointError(f"nothing to resume: {str(last)!r} does not exist; start a run "
                                              f"without --resume, or point --out-dir at an earlier run")
-        ckpt = checkpoint.load(last)
-        settings = resumed_settings(ckpt, dict(overrides or {}, out_dir=str(out_dir)))
-        return cls(settings, _ckpt=ckpt, **kwargs)
+        lock = _out_dir_lock(out_dir)          # before reading: no run is writing it now
+        try:
+            ckpt = checkpoint.load(last)
+            settings = resumed_settings(ckpt, dict(overrides or {}, out_dir=str(out_dir)))
+            return cls(settings, _ckpt=ckpt, _lock=lock, **kwargs)
+        except BaseException:
+            lock.release()
+            raise
+
+    def close(self) -> None:
+        """Release the out-dir (run() does it when it ends); for a Trainer that is built but never run."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # --- pieces of an iteration ---------------------------------------------------------------------
     @property
@@ -226,7 +256,9 @@ class Trainer:
                              self._parallel)
 
     def train_step(self) -> Any:
-        """One optimizer step at self.iter; returns the mean micro-batch loss as a device scalar (no sync)."""
+        """One optimizer step at self.iter; returns the mean micro-batch loss as a device scalar (no sync).
+        On the CPU (where reading it is free) a loss or gradient norm that is nan or inf raises
+        TrainingDiverged before the update, so the weights never take it."""
         s = self.settings
         lr = self.schedule(self.iter)
         for group in self.optimizer.param_groups:
@@ -241,35 +273,81 @@ class Trainer:
                 (loss if s.grad_accum == 1 else loss / s.grad_accum).backward()
                 loss_data = loss.data
             total = loss_data if total is None else total + loss_data
-        if s.grad_clip > 0:
-            optim.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        if isinstance(self._parallel, distributed.DistributedDataParallel):
+            total = self._parallel.sync(total)      # all-reduce: every rank holds the batch's gradient now
+        norm = optim.clip_grad_norm_(self.model.parameters(), s.grad_clip) if s.grad_clip > 0 else None
+        if self.device.name == "cpu":
+            for what, value in (("training loss", total), ("gradient norm", norm)):
+                value = None if value is None else float(value.data if isinstance(value, tinygpt.Tensor) else value)
+                if value is not None and not math.isfinite(value):
+                    self.optimizer.zero_grad()
+                    raise self._diverged(f"the {what} is {value} at iteration {self.iter} (before its update)")
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.iter += 1
         return total if s.grad_accum == 1 else total / s.grad_accum
 
+    def _diverged(self, what: str) -> TrainingDiverged:
+        last = checkpoint.checkpoint_path(self.out_dir, "last")
+        kept = (f"{last} (iteration {self._saved_iter}) is the last good checkpoint" if self._saved_iter is not None
+                else "no checkpoint was written")
+        return TrainingDiverged(f"{what}; stopped without saving it: {kept}; lower --lr or --grad-clip, or "
+                                f"check the data")
+
     def save(self, which: str = "last", extra: dict | None = None) -> Path:
+        """Write ckpt_{which}; TrainingDiverged (nothing written) if a weight is nan or inf."""
+        if not self.world.is_main:                  # under MPI rank 0 writes (every rank holds the same state)
+            return checkpoint.checkpoint_path(self.out_dir, which)
+        for p in self.model.parameters():
+            if not bool(backend.get_array_module(p.data).isfinite(p.data).all()):
+                raise self._diverged(f"the weights hold nan or inf at iteration {self.iter}")
         meta = {
             "iter": self.iter, "best_val_loss": self.best_val_loss, "last_eval_iter": self.last_eval_iter,
             "settings": asdict(self.settings), "tokenizer": self.tokenizer.to_dict(),
             "rng": {"host": backend.get_rng_state(), "batches": self.batch_rng.bit_generator.state},
             "schedule": self.schedule.state_dict(), "tinygpt_version": tinygpt.__version__,
-            **(extra or {}),
+            "log_record": rundir.strict_json(self._log_record), **(extra or {}),
         }
-        return checkpoint.save(checkpoint.checkpoint_path(self.out_dir, which), self.model, self.optimizer,
-                               meta)
+        path = checkpoint.save(checkpoint.checkpoint_path(self.out_dir, which), self.model, self.optimizer, meta)
+        if which == "last":
+            self._saved_iter = self.iter
+        return path
+
+    def _stop_agreed(self, requested_here: bool) -> bool:
+        """Whether to stop now: a signal here; under MPI, one on any rank, as the ranks agreed in the last
+        collective, so that every rank stops on the same iteration."""
+        if isinstance(self._parallel, distributed.DistributedDataParallel):
+            return self._parallel.agree_stop(requested_here)
+        return requested_here
 
     # --- the loop -------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        """Train to max_iters; holds the out-dir's lock until it returns or raises."""
+        s = self.settings
+        if self._lock is None:                      # a second run() after the first released the out-dir
+            self._lock = _out_dir_lock(self.out_dir)
+        try:
+            return self._run(s)
+        finally:
+            self.close()
+
+    def _run(self, s: RunSettings) -> TrainResult:
         from tqdm import tqdm
 
-        s = self.settings
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.out_dir / "log.jsonl"
-        _truncate_log(log_path, self.iter if self.resumed else -1)    # a fresh run starts a fresh log
+        if self.world.is_main:                      # under MPI, rank 0 alone writes in the out-dir
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            rundir.remove_stale_temps(self.out_dir)     # left by a killed save: no one else writes here now
+            if self.resumed:                        # lines after the checkpoint go; its own line comes back
+                rundir.prepare_log(log_path, self.iter, self._log_record)
+            else:
+                rundir.prepare_log(log_path, -1)    # a fresh run starts a fresh log
         start_time = time.perf_counter()
-        disable = (not sys.stderr.isatty()) if self.progress is None else (not self.progress)
-        if self.device.name == "cpu":
+        disable = ((not sys.stderr.isatty()) if self.progress is None else (not self.progress)) \
+            or not self.world.is_main
+        if self.world.world_size > 1:               # under MPI: one process per rank, nothing forks
+            self._parallel = distributed.DistributedDataParallel(self.model, self.world)
+        elif self.device.name == "cpu":
             workers = choose_workers(s.workers, self.model, s.batch_size * s.block_size)
             self._parallel = DataParallel(self.model, workers) if workers > 1 else None
         bar = tqdm(total=s.max_iters, initial=self.iter, desc="train", unit="it", file=sys.stderr,
@@ -285,17 +363,17 @@ class Trainer:
         train_time, train_tokens = 0.0, 0          # since the last evaluation
         bar_time, bar_tokens = 0.0, 0              # since the last progress-bar update
         losses: dict[str, float] = {}
-        with _SigintFlag() as sigint:
+        with rundir.StopSignals() as sigint:
             try:
                 while True:
-                    if sigint.requested:
+                    if self._stop_agreed(sigint.requested):
                         raise _Stop()
                     if (self.iter % s.eval_interval == 0 or self.iter >= s.max_iters) \
                             and self.last_eval_iter != self.iter:
                         t = time.perf_counter()
                         backend.synchronize(self.device)
                         train_time += time.perf_counter() - t
-                        losses = self.evaluate(should_stop=lambda: sigint.requested)
+                        losses = self.evaluate(should_stop=lambda: self._stop_agreed(sigint.requested))
                         self._after_eval(losses, train_tokens / train_time if train_tokens else None,
                                          start_time, log_path, bar)
                         train_time, train_tokens = 0.0, 0
@@ -305,6 +383,8 @@ class Trainer:
                     loss = self.train_step()
                     log_now = self.iter % self.log_interval == 0 and not bar.disable
                     loss_value = float(backend.to_numpy(loss)) if log_now else None   # the only sync
+                    if loss_value is not None and not math.isfinite(loss_value):
+                        raise self._diverged(f"the training loss is {loss_value} at iteration {self.iter - 1}")
                     dt = time.perf_counter() - t
                     train_time += dt
                     train_tokens += s.tokens_per_iter
@@ -315,15 +395,18 @@ class Trainer:
                         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{bar_tokens / bar_time:,.0f}",
                                         refresh=False)
                         bar_time, bar_tokens = 0.0, 0
-            except _Stop:                 # a second Ctrl-C raises KeyboardInterrupt: no save mid-step
+            except _Stop:                 # a second signal raises KeyboardInterrupt: no save mid-step
                 bar.close()
                 path = self.save("last")
-                _plot(log_path, self.out_dir / "loss.png")
+                if self.world.is_main:
+                    rundir.plot_log(log_path, self.out_dir / "loss.png")
+                by = "" if sigint.signum == signal.SIGINT else f" by {signal.Signals(sigint.signum).name}"
                 raise TrainingInterrupted(
-                    f"interrupted at iteration {self.iter}; saved {path}; continue with: tinygpt train "
-                    f"--resume --out-dir {self.out_dir}") from None
+                    f"interrupted{by} at iteration {self.iter}; saved {path}; continue with: tinygpt train "
+                    f"--resume --out-dir {self.out_dir}", sigint.signum) from None
         bar.close()
-        _plot(log_path, self.out_dir / "loss.png")
+        if self.world.is_main:
+            rundir.plot_log(log_path, self.out_dir / "loss.png")
         return TrainResult(self.iter, losses.get("train"), losses.get("val"), self.best_val_loss,
                            time.perf_counter() - start_time, self.out_dir, self.history)
 
@@ -332,65 +415,26 @@ class Trainer:
         it = self.iter
         self.last_eval_iter = it
         line = f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-        bar.write(line, file=self.out)
-        self.out.flush()
-        improved = self.best_val_loss is None or losses["val"] < self.best_val_loss
+        if self.world.is_main:
+            bar.write(line, file=self.out)
+            self.out.flush()
+        finite = math.isfinite(losses["train"]) and math.isfinite(losses["val"])
+        improved = finite and (self.best_val_loss is None or losses["val"] < self.best_val_loss)
         if improved:
             self.best_val_loss = losses["val"]
         record = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
                   "lr": self.schedule(it), "tokens_per_s": tokens_per_s,
                   "best_val_loss": self.best_val_loss,
                   "elapsed_s": round(time.perf_counter() - start_time, 3), "time": time.time()}
+        if not finite:                  # logged (as the strings "nan"/"inf"), never saved
+            if self.world.is_main:
+                rundir.append_log(log_path, record)
+            raise self._diverged(f"the evaluation loss is {losses['train']} (train), {losses['val']} (val) at "
+                                 f"iteration {it}")
+        self._log_record = record       # saved inside the checkpoint: a kill before the log line loses nothing
         if improved:
             self.save("best")
         self.save("last")
-        with open(log_path, "a", encoding="utf-8") as f:      # after the checkpoint: never ahead of it
-            f.write(json.dumps(record) + "\n")
+        if self.world.is_main:
+            rundir.append_log(log_path, record)  # after the checkpoint: never ahead of it
         self.history.append(record)
-
-
-def _truncate_log(path: Path, upto: int) -> None:
-    """On resume, drop log lines from after the checkpoint (a run killed between a log line and the next
-    checkpoint must not leave duplicates)."""
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    keep = []
-    for line in lines:
-        try:
-            if json.loads(line).get("iter", 0) <= upto:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue
-    if len(keep) != len(lines):
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(keep), encoding="utf-8")
-        os.replace(tmp, path)
-
-
-def _plot(log_path: Path, png_path: Path) -> Path | None:
-    """Loss curves from log.jsonl as a PNG, when matplotlib is installed (pip install "tinygpt[plot]")."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        return None
-    if not log_path.is_file():
-        return None
-    rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    its = [r["iter"] for r in rows]
-    ax.plot(its, [r["train_loss"] for r in rows], label="train")
-    ax.plot(its, [r["val_loss"] for r in rows], label="val")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("cross-entropy loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
