@@ -194,3 +194,87 @@ def test_trainer_with_workers_tracks_one_process(tmp_path, monkeypatch):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
     with pytest.raises(Exception, match="workers must be an integer >= 0"):
         RunSettings.from_preset("cpu", workers=-1)
+
+
+# --- workers never outlive the main process -----------------------------------------------------------------
+_ORPHAN_SCRIPT = r"""
+import os, sys, threading, time
+import numpy as np
+import tinygpt
+from tinygpt.models import GPT, GPTConfig
+from tinygpt.parallel import DataParallel
+
+mode = sys.argv[1]
+model = GPT(GPTConfig(vocab_size=11, block_size=6, n_layer=1, n_head=2, n_embd=8))
+x = np.random.default_rng(0).integers(0, 11, (6, 6))
+box = {}
+if mode == "thread":          # forked from a thread that then ends: no PDEATHSIG, the watchdog alone
+    t = threading.Thread(target=lambda: box.update(dp=DataParallel(model, 3)))
+    t.start()
+    t.join()
+else:
+    box["dp"] = DataParallel(model, 3)
+dp = box["dp"]
+dp.forward_backward(x, x)     # the workers work after their forking thread ended
+holder = os.fork()            # another process that keeps copies of every pipe end open: no EOF for them
+if holder == 0:
+    time.sleep(60)
+    os._exit(0)
+print(" ".join(str(p.pid) for p in dp._procs), holder, flush=True)
+time.sleep(60)
+"""
+
+
+def _gone(pid):
+    """True once `pid` has exited (a zombie waiting for its reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("mode", ["main", "thread"])
+def test_workers_exit_when_the_main_process_is_killed(tmp_path, mode):
+    """SIGKILL the main process while a third process holds the pipes open (so no EOF reaches the workers):
+    PDEATHSIG (forked from the main thread) or the parent-pid watchdog (forked from another thread) ends
+    every worker within a few seconds, and a DataParallel made in a thread that ended still works."""
+    import os
+    import signal
+    import subprocess
+    import time
+    p = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT, mode], stdout=subprocess.PIPE, text=True)
+    try:
+        *workers, holder = map(int, p.stdout.readline().split())
+        assert len(workers) == 2 and not any(_gone(w) for w in workers)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
+        deadline = time.time() + 5
+        while time.time() < deadline and not all(_gone(w) for w in workers):
+            time.sleep(0.05)
+        survivors = [w for w in workers if not _gone(w)]
+        assert not survivors, f"workers {survivors} outlived the main process"
+        assert not _gone(holder)                          # the holder (not a worker) was left alone
+    finally:
+        for pid in locals().get("workers", []) + [locals().get("holder")]:
+            if pid and not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        p.kill()
+
+
+def test_workers_ignore_the_signals_the_main_process_handles():
+    """SIGINT, SIGTERM, SIGHUP to a worker (a terminal or `kill -TERM -PGID` sends them to every process)
+    leave it running: the main process saves first, then closes it."""
+    import os
+    import signal
+    import time
+    model, x, y = model_and_batch(4)
+    ref_loss, _ = one_process_grads(model, x, y)
+    with DataParallel(model, 2) as dp:
+        dp.forward_backward(x, y)
+        model.zero_grad()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(dp._procs[0].pid, sig)
+        time.sleep(0.2)
+        assert dp._procs[0].is_alive()
+        assert float(dp.forward_backward(x, y)) == pytest.approx(ref_loss, rel=1e-6)

@@ -22,6 +22,12 @@ How:
     loss = dp.loss(x, y)                           # the mean loss alone (no graph; for evaluation)
     dp.close()                                     # or use `with DataParallel(...) as dp:`
 
+Lifetime: a worker ends when the main process sends it an empty message (close()), when its pipe reaches
+end of file, or when the main process dies in any way, SIGKILL included: on Linux the kernel kills it
+(prctl PR_SET_PDEATHSIG, set when the main thread forks), and a watchdog thread in every worker exits
+once its parent's pid changes (a fork from another thread, a pipe some other process keeps open). Workers
+ignore SIGINT, SIGTERM and SIGHUP: those are the main process's, which saves and then closes them.
+
 Dropout: the main process sends each worker a seed per step, drawn from tinygpt's host generator, so a run
 repeats exactly (and resumes exactly) for a given number of workers. Summing slices in a different order
 than one process would changes the last bits of the result, so a different worker count gives a run
@@ -30,11 +36,15 @@ that differs by rounding.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import multiprocessing
+import os
 import signal
 import struct
 import sys
+import threading
+import time
 import warnings
 from typing import Any
 
@@ -143,10 +153,13 @@ class DataParallel:
             view[...] = p.data
             p.data = view
         ctx = multiprocessing.get_context("fork")
+        main_thread = threading.current_thread() is threading.main_thread()
         for rank in range(1, self.workers):
             grads = _shared_like([p.data for p in self.params])
             parent_end, child_end = ctx.Pipe()
+            siblings = list(self._conns) + [parent_end]      # main-side ends the child must not keep open
             proc = ctx.Process(target=_worker_loop, args=(self.model, self.params, grads, child_end),
+                               kwargs=dict(parent_pid=os.getpid(), close=siblings, deathsig=main_thread),
                                name=f"tinygpt-dp{rank}", daemon=True)
             with warnings.catch_warnings():         # Python 3.12+ warns about fork with threads running
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -266,10 +279,39 @@ def _slice(model: Any, x: np.ndarray, y: np.ndarray, scale: float | None) -> Any
     return loss.data
 
 
-def _worker_loop(model: Any, params: list, grads: list, conn: Any) -> None:
+PR_SET_PDEATHSIG = 1                   # linux/prctl.h
+WATCHDOG_INTERVAL = 0.5                # seconds between a worker's checks that its parent is alive
+
+
+def _die_with_parent(parent_pid: int, deathsig: bool) -> None:
+    """Make this worker end when the main process does, however it ends (see the module doc)."""
+    if deathsig and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:      # it died before prctl took effect
+        os._exit(0)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(WATCHDOG_INTERVAL)
+        os._exit(0)
+    threading.Thread(target=watch, name="tinygpt-dp-watchdog", daemon=True).start()
+
+
+def _worker_loop(model: Any, params: list, grads: list, conn: Any, parent_pid: int | None = None,
+                 close: list = (), deathsig: bool = True) -> None:
     """A worker's life: wait for a slice, write its gradient into `grads` (unless the message asks for the
-    loss alone), reply with its loss; an empty message (or the main process going away) ends it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the main process's: it saves, then closes us
+    loss alone), reply with its loss; an empty message, end of file, or the main process dying ends it."""
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:             # the main process's signals: it saves, then closes us
+            signal.signal(sig, signal.SIG_IGN)
+    for other in close:                 # the main process's ends of the pipes: EOF must reach us when it dies
+        other.close()
+    if parent_pid is not None:
+        _die_with_parent(parent_pid, deathsig)
     cpu_kernels.set_num_threads(1)
     _BlasLimit().__enter__()                        # for the rest of this process
     while True:
