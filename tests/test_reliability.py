@@ -531,3 +531,29 @@ def test_killing_the_trainer_leaves_no_worker_and_resume_continues(corpus, tmp_p
     iters = [row["iter"] for row in strict_rows(out)]
     assert iters == sorted(set(iters)) and iters[-1] == saved + 5
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+# ---- 1. a checkpoint whose header claims a far larger run ---------------------------------------------------
+def test_resume_from_a_header_claiming_a_huge_model_builds_nothing(corpus, tmp_path, monkeypatch):
+    """The run settings inside the header (digest recomputed, as a forger would) say 65536 channels; the
+    tensors say 16. Resume refuses in one line before any model is built."""
+    import struct
+
+    from safetensors.numpy import load_file
+    trainer(corpus, tmp_path / "o", max_iters=2, eval_interval=2).run()
+    path = tmp_path / "o" / checkpoint.LAST
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    meta = json.loads(header["__metadata__"]["tinygpt"])
+    meta["settings"].update(n_embd=1 << 16, n_head=2)
+    meta["sha256"] = checkpoint._digest(load_file(str(path)), meta)
+    header["__metadata__"]["tinygpt"] = json.dumps(meta)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    monkeypatch.setattr(models, "model_from_config", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"does not add up: .*wte.weight has shape \(\d+, 65536\).*\(\d+, 16\)") as e:
+        Trainer.resume(tmp_path / "o", progress=False, out=io.StringIO())
+    assert "\n" not in str(e.value)
