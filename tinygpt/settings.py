@@ -18,10 +18,13 @@ import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from tinygpt import checkpoint, data, models, optim, presets
+from tinygpt import models, optim, presets
 from tinygpt.models import ConfigError
+
+if TYPE_CHECKING:
+    from tinygpt import checkpoint
 
 __all__ = ["RunSettings", "SampleSettings", "Range", "OneOf", "setting", "add_flags", "check_fields",
            "make_schedule", "resumed_settings", "RESUMABLE"]
@@ -297,6 +300,7 @@ def make_schedule(s: RunSettings):
 
 def resumed_settings(ckpt: checkpoint.Checkpoint, overrides: dict) -> RunSettings:
     """The checkpoint's settings, with RESUMABLE overrides applied; other overrides must agree."""
+    from tinygpt import checkpoint, data     # here: `tinygpt bench` imports this module and measures its RSS
     try:
         saved = RunSettings(**ckpt.meta["settings"])
     except (KeyError, TypeError, ConfigError) as e:
