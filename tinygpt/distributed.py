@@ -46,6 +46,7 @@ __all__ = ["World", "DistributedDataParallel", "DistributedError", "init", "laun
 
 TIMEOUT_ENV = "TINYGPT_COLLECTIVE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0       # as PyTorch's NCCL default: room for a slow checkpoint or a first BPE build
+ABORT_PAUSE_S = 0.5            # between a rank's last line and MPI_Abort (which may drop unforwarded output)
 GRACE_S = 2.0                   # a failing rank other than 0 waits this long, so the same error is said once
 
 _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS", "MV2_COMM_WORLD_SIZE")
@@ -141,6 +142,7 @@ class World:
         sys.stderr.flush()
         if self.comm is None:
             os._exit(code)
+        time.sleep(ABORT_PAUSE_S)                # the launcher forwards the line before it ends the job
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
         self.comm.Abort(code)
 
@@ -290,6 +292,9 @@ class DistributedDataParallel:
         self.stop_agreed = False         # some rank asked to stop, as of the last collective (same on all)
         self._stop_local = False
         self.broadcast_parameters()
+
+    def close(self) -> None:
+        """Nothing to stop: the ranks are the launcher's. (The trainer closes DataParallel and this alike.)"""
 
     def _views(self):
         for p, lo, hi in zip(self.params, self._offsets, self._offsets[1:]):

@@ -17,6 +17,10 @@ A kill, a full disk or a nan (tinygpt/rundir.py lists what each keeps): one run 
 Ctrl-C, SIGTERM and SIGHUP save first; a nan or inf loss or weight stops the run without saving it
 (TrainingDiverged); a run that cannot fit in memory is refused before allocating (tinygpt/memory.py).
 
+Under `mpiexec` or `srun` (tinygpt/distributed.py) each rank runs the same loop on its rows of every batch,
+the gradients are all-reduced before clipping, a stop signal on any rank stops all after the same
+iteration, and rank 0 alone takes the out-dir's lock and writes checkpoints, logs, the plot and the bar.
+
 Exact resume: a checkpoint holds the weights, the AdamW moments and step counts, the iteration, the state of
 the batch generator and of the host generator (dropout on the CPU), and the settings (the schedule follows
 from them). Evaluation draws its batches from a generator seeded by (seed, iteration, split), so it never
@@ -36,9 +40,8 @@ from typing import Any, TextIO
 import numpy as np
 
 import tinygpt
-from tinygpt import backend, checkpoint, data, memory, models, optim, rundir, tokenizers
+from tinygpt import backend, checkpoint, data, distributed, memory, models, optim, rundir, tokenizers
 from tinygpt.parallel import DataParallel, choose_workers
-from tinygpt import distributed
 from tinygpt.settings import RESUMABLE, RunSettings, make_schedule, resumed_settings
 
 __all__ = ["RunSettings", "Trainer", "TrainResult", "TrainingInterrupted", "TrainingDiverged", "estimate_loss",
