@@ -6,14 +6,17 @@
     one std::thread per CUDA thread, a std::barrier for __syncthreads, a slot array for __shfl_xor_sync.
   * `HostBuilds(tmp_dir)`: compiles those with g++ on first use; `host_elementwise` / `host_rows` run them
     on NumPy arrays through ctypes.
-  * `HostCuPy`: just the CuPy calls that tinygpt/cuda/kernels.py makes (RawModule, ElementwiseKernel, and
-    NumPy for the rest), running the host builds and asserting that every kernel argument has the exact
-    type of its C parameter.
+  * `raw_emulator_source(source, name)`: a RawKernel's own source (tg_flag_bad_ids) under the same emulator,
+    with a mutex-guarded atomicMin.
+  * `HostCuPy`: just the CuPy calls that tinygpt/cuda/kernels.py makes (RawModule, RawKernel,
+    ElementwiseKernel, and NumPy for the rest), running the host builds and asserting that every kernel
+    argument has the exact type of its C parameter.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 
@@ -127,6 +130,38 @@ def row_emulator_source(dtype) -> str:
     return "\n".join(src)
 
 
+RAW_EXTRA = r"""
+// atomicMin on the host: the emulator's threads are real threads, so a mutex makes it atomic
+#include <mutex>
+static std::mutex tg_atomic_mutex;
+static unsigned long long atomicMin(unsigned long long* address, unsigned long long value) {
+    std::lock_guard<std::mutex> lock(tg_atomic_mutex);
+    unsigned long long old = *address;
+    if (value < old) *address = value;
+    return old;
+}
+"""
+_SIGNATURE = re.compile(r'extern "C" __global__ void (\w+)\(([^)]*)\)')
+
+
+def raw_kernel_params(source: str, name: str) -> list[str]:
+    """The C parameter list of kernel `name` in a RawKernel source: ["const long long* ids", ...]."""
+    for kname, params in _SIGNATURE.findall(source):
+        if kname == name:
+            return [" ".join(p.split()) for p in params.split(",")]
+    raise KeyError(f"no kernel {name} in the source")
+
+
+def raw_emulator_source(source: str, name: str) -> str:
+    """A RawKernel's source (tinygpt/cuda/kernels.py keeps its own) under the block emulator, plus an
+    extern "C" launch_<name>(grid, block, params...)."""
+    params = raw_kernel_params(source, name)
+    names = [p.split()[-1] for p in params]
+    return "\n".join([EMULATOR, RAW_EXTRA, source,
+                      f'extern "C" void launch_{name}(int grid, int block, {", ".join(params)}) '
+                      f'{{ tg_launch(grid, block, [&] {{ {name}({", ".join(names)}); }}); }}\n'])
+
+
 def _compile_shared(tmp_dir, name: str, source: str, std: str) -> ctypes.CDLL:
     path = tmp_dir / f"{name}.cpp"
     path.write_text(source)
@@ -141,6 +176,13 @@ class HostBuilds:
 
     def __init__(self, tmp_dir):
         self.tmp_dir, self.cache = tmp_dir, {}
+
+    def raw(self, source: str, name: str) -> ctypes.CDLL:
+        """The host build of RawKernel `name` from `source` (see raw_emulator_source)."""
+        if ("raw", name) not in self.cache:
+            self.cache["raw", name] = _compile_shared(self.tmp_dir, f"raw_{name}",
+                                                      raw_emulator_source(source, name), "c++20")
+        return self.cache["raw", name]
 
     def __call__(self, kind, dtype):
         if (kind, dtype) not in self.cache:
@@ -232,8 +274,37 @@ class _HostElementwise:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
+_POINTER_DTYPES = {"long long": "int64", "int": "int32", "float": "float32", "double": "float64"}
+
+
+class _HostRawKernel:
+    """A RawKernel run by the emulator; every argument must have its C parameter's exact type."""
+
+    def __init__(self, lib, source, name):
+        self.lib, self.name = lib, name
+        self.params = raw_kernel_params(source, name)
+
+    def __call__(self, grid, block, args):
+        assert len(grid) == 1 and len(block) == 1 and 32 <= block[0] <= 1024 and block[0] % 32 == 0
+        assert len(args) == len(self.params), f"{self.name}: {len(args)} arguments for {len(self.params)}"
+        call = []
+        for p, a in zip(self.params, args):
+            typ = " ".join(p.replace("const ", "").split()[:-1])
+            if typ.endswith("*"):
+                want = _POINTER_DTYPES[typ[:-1].strip()]
+                assert isinstance(a, np.ndarray) and a.dtype == want and a.flags.c_contiguous, (self.name, p)
+                call.append(ctypes.c_void_p(a.ctypes.data))
+            else:
+                want = _SCALAR_TYPES[typ]
+                assert type(a) is want, f"{self.name}: {p} got {type(a).__name__}, needs {want.__name__}"
+                call.append(CTYPES_SCALAR[typ](a))
+        fn = getattr(self.lib, f"launch_{self.name}")
+        fn.restype = None
+        fn(ctypes.c_int(grid[0]), ctypes.c_int(block[0]), *call)
+
+
 class HostCuPy:
-    """NumPy, plus RawModule and ElementwiseKernel running tinygpt's kernels on the host."""
+    """NumPy, plus RawModule, RawKernel and ElementwiseKernel running tinygpt's kernels on the host."""
 
     def __init__(self, host_libs):
         self._libs = host_libs
@@ -244,6 +315,9 @@ class HostCuPy:
     def RawModule(self, code):
         dtype = next(d for d in HOST_DTYPES if code == sources.row_module_source(d))
         return _HostModule(self._libs("row", dtype), dtype)
+
+    def RawKernel(self, code, name):
+        return _HostRawKernel(self._libs.raw(code, name), code, name)
 
     def ElementwiseKernel(self, ins, outs, op, kname, preamble=""):
         name, suffix = kname[3:].rsplit("_", 1)

@@ -11,7 +11,8 @@ implicit trip into NumPy:
 
 `strict_xp` is the module-like namespace that plays `cupy`: each function unwraps its StrictArray
 arguments, calls NumPy, and wraps the result. Like CuPy, it refuses host ndarrays anywhere except in
-`asarray` (the explicit host -> device copy); `asnumpy` is the explicit way back.
+`asarray` (the explicit host -> device copy); `asnumpy` is the explicit way back. Both directions are
+counted (`TRANSFERS`), so a test can prove that a training step never waits for the device.
 
     from strict_xp import register
     register()                                   # device "strict" for tinygpt.tensor(..., device="strict")
@@ -24,7 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-__all__ = ["StrictArray", "strict_xp", "register", "DEVICE"]
+__all__ = ["StrictArray", "strict_xp", "register", "DEVICE", "TRANSFERS", "reset_transfers"]
 
 DEVICE = "strict"
 
@@ -74,26 +75,33 @@ class StrictArray:
         return (_wrap(r) for r in self._a)
 
     def __repr__(self):
+        _count("to_host")
         return f"StrictArray({self._a!r})"
 
-    # explicit, syncing conversions (CuPy allows these too)
+    # explicit, syncing conversions (CuPy allows these too); each one counts as a device -> host transfer
     def __bool__(self):
+        _count("to_host")
         return bool(self._a)
 
     def __float__(self):
+        _count("to_host")
         return float(self._a)
 
     def __int__(self):
+        _count("to_host")
         return int(self._a)
 
     def item(self):
+        _count("to_host")
         return self._a.item()
 
     def tolist(self):
+        _count("to_host")
         return self._a.tolist()
 
     def get(self):
         """cupy.ndarray.get(): an explicit copy to a host NumPy array."""
+        _count("to_host")
         return self._a.copy()
 
     # --- methods -----------------------------------------------------------------------------------
@@ -158,11 +166,13 @@ class StrictArray:
         return _wrap(self._a.argmin(axis=axis))
 
     # --- indexing ----------------------------------------------------------------------------------
+    # Integer-array indices out of range wrap around, as in CuPy (NumPy raises IndexError): an op that
+    # must refuse them has to check them itself (tinygpt's embedding and cross_entropy do).
     def __getitem__(self, key):
-        return _wrap(self._a[_unwrap_index(key)])
+        return _wrap(self._a[_cupy_wrap(_unwrap_index(key), self._a.shape)])
 
     def __setitem__(self, key, value):
-        self._a[_unwrap_index(key)] = _unwrap(value)
+        self._a[_cupy_wrap(_unwrap_index(key), self._a.shape)] = _unwrap(value)
 
 
 def _binary(op, reflected=False):
@@ -197,6 +207,25 @@ StrictArray.__pos__ = lambda self: _wrap(+self._a)
 StrictArray.__abs__ = lambda self: _wrap(builtins.abs(self._a))
 StrictArray.__invert__ = lambda self: _wrap(~self._a)
 StrictArray.__hash__ = None
+
+
+# --- counting the transfers ----------------------------------------------------------------------------
+# Every way a value leaves the device (asnumpy, .get(), bool/int/float, .item(), .tolist(), repr) adds one
+# to TRANSFERS["to_host"]; on CUDA each of these makes the host wait for the GPU (a sync). Every host ->
+# device copy (asarray of host data) adds one to TRANSFERS["to_device"]. tests/test_gpu_readiness.py
+# counts them over a training step.
+
+TRANSFERS = {"to_host": 0, "to_device": 0}
+
+
+def _count(kind):
+    TRANSFERS[kind] += 1
+
+
+def reset_transfers():
+    """Zero the counters; returns the dict (read it after the code under test)."""
+    TRANSFERS.update(to_host=0, to_device=0)
+    return TRANSFERS
 
 
 # --- wrapping and unwrapping --------------------------------------------------------------------------
@@ -234,6 +263,20 @@ def _unwrap_index(key):
     return _unwrap(key)
 
 
+def _cupy_wrap(key, shape):
+    """Integer-array parts of an index taken modulo their axis' length (CuPy's rule for fancy indexing)."""
+    parts = key if isinstance(key, tuple) else (key,)
+    if any(p is Ellipsis or p is None for p in parts):
+        return key
+    out, axis = [], 0
+    for p in parts:
+        if isinstance(p, np.ndarray) and p.dtype.kind in "iu" and axis < len(shape) and shape[axis] > 0:
+            p = np.mod(p, shape[axis])
+        out.append(p)
+        axis += p.ndim if isinstance(p, np.ndarray) and p.dtype == bool else 1
+    return tuple(out) if isinstance(key, tuple) else out[0]
+
+
 def _fn(np_fn):
     """numpy function -> strict function: unwrap args (and out=), call NumPy, wrap the result."""
     def f(*args, **kwargs):
@@ -261,7 +304,7 @@ class _Ufunc:
         if not isinstance(target, StrictArray):
             raise TypeError(f"strict_xp.{self._uf.__name__}.at: target must be a StrictArray")
         args = () if values is None else (_unwrap(values),)
-        self._uf.at(target._a, _unwrap_index(indices), *args)
+        self._uf.at(target._a, _cupy_wrap(_unwrap_index(indices), target._a.shape), *args)
 
     def reduce(self, a, axis=0, **kw):
         return _wrap(self._uf.reduce(_unwrap(a), axis=axis, **kw))
@@ -290,12 +333,14 @@ def asarray(a, dtype=None):
     """The explicit host -> device copy (cupy.asarray): host ndarrays, lists, scalars, StrictArrays."""
     if isinstance(a, StrictArray):
         return a if dtype is None or a.dtype == np.dtype(dtype) else a.astype(dtype)
+    _count("to_device")
     return StrictArray(np.array(a, dtype=dtype))
 
 
 def asnumpy(a):
     """The explicit device -> host copy (cupy.asnumpy)."""
     if isinstance(a, StrictArray):
+        _count("to_host")
         return a._a.copy()
     return np.asarray(a)
 

@@ -39,9 +39,15 @@ def test_unknown_device_raises():
 
 
 @pytest.fixture
-def no_cupy(monkeypatch):
+def unchecked_cuda(monkeypatch):
+    """Forget the "cuda" device and the cached CUDA check (both come back after the test)."""
+    monkeypatch.setattr(backend, "_DEVICES", {k: v for k, v in backend._DEVICES.items() if k != "cuda"})
+    monkeypatch.setattr(backend, "_cuda_status", backend._UNCHECKED)
+
+
+@pytest.fixture
+def no_cupy(monkeypatch, unchecked_cuda):
     """Pretend CuPy is not installed (whether or not it is)."""
-    monkeypatch.delitem(backend._DEVICES, "cuda", raising=False)
     monkeypatch.setattr(backend, "_import_cupy", lambda: None)
     monkeypatch.setattr(backend, "_cupy_error", "ModuleNotFoundError: No module named 'cupy'")
 
@@ -53,19 +59,19 @@ def test_cuda_without_cupy_says_how_to_install(no_cupy):
         with pytest.raises(tinygpt.CudaUnavailableError) as e:
             ask()
         msg = str(e.value)
-        assert 'pip install "tinygpt[cuda]"' in msg and "No module named 'cupy'" in msg
+        assert 'pip install "tinygpt[cuda]"' in msg and '"tinygpt[cuda13]"' in msg
+        assert "No module named 'cupy'" in msg and "\n" not in msg
     assert issubclass(tinygpt.CudaUnavailableError, tinygpt.DeviceError)
     assert issubclass(tinygpt.DeviceError, RuntimeError)
 
 
-def test_cuda_with_cupy_but_no_gpu(monkeypatch):
+def test_cuda_with_cupy_but_no_gpu(monkeypatch, unchecked_cuda):
     class Runtime:
         @staticmethod
         def getDeviceCount():
             raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
 
     fake = type("FakeCupy", (), {"cuda": type("cuda", (), {"runtime": Runtime})})
-    monkeypatch.delitem(backend._DEVICES, "cuda", raising=False)
     monkeypatch.setattr(backend, "_import_cupy", lambda: fake)
     assert not backend.is_cuda_available()
     with pytest.raises(tinygpt.CudaUnavailableError, match="needs an NVIDIA GPU.*cudaErrorNoDevice"):
@@ -235,15 +241,37 @@ def _imports(path):
 TORCH_ALLOWED = {PKG / "bench_torch.py"}
 
 
-def test_only_backend_imports_cupy_and_nothing_imports_torch():
+def _module_level_imports(path):
+    """The imports of a module's top level (not inside a function): what importing it imports."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    top = ast.Module(body=[n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                          ast.ClassDef))], type_ignores=[])
+    found = set()
+    for node in ast.walk(top):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+# CuPy may be imported by backend.py and the tinygpt/cuda package only (nccl.py: cupy.cuda.nccl), and only
+# lazily, inside functions: importing tinygpt never imports CuPy.
+CUPY_ALLOWED = {PKG / "backend.py"} | set((PKG / "cuda").glob("*.py"))
+
+
+def test_only_backend_and_the_cuda_package_import_cupy_and_nothing_imports_torch():
     files = sorted(PKG.rglob("*.py"))
     assert PKG / "backend.py" in files and len(files) > 5
     for f in files:
         found = _imports(f)
         if f not in TORCH_ALLOWED:
             assert "torch" not in found, f"{f.relative_to(PKG.parent)} imports torch (tests only!)"
-        if f.name != "backend.py" or f.parent != PKG:
-            assert not {"cupy", "cupyx"} & found, f"{f.relative_to(PKG.parent)} imports CuPy; only backend.py may"
+        if f not in CUPY_ALLOWED:
+            assert not {"cupy", "cupyx"} & found, \
+                f"{f.relative_to(PKG.parent)} imports CuPy; only backend.py and tinygpt/cuda may"
+        assert not {"cupy", "cupyx"} & _module_level_imports(f), \
+            f"{f.relative_to(PKG.parent)} imports CuPy at import time; import it inside a function"
     assert {"cupy", "cupyx"} <= _imports(PKG / "backend.py")
 
 

@@ -242,10 +242,18 @@ def ref_adam_step(params, lr, beta1, beta2, eps, weight_decay, decoupled):
         theta[...] = th - lr / (1 - beta1 ** t) * m / (np.sqrt(v) / math.sqrt(1 - beta2 ** t) + eps)
 
 
+def ref_flag_bad_ids(flag, ids, bound, ignore_index, code):
+    """flag = [code, the first id outside [0, bound) that is not ignore_index], unless flag[0] is set."""
+    t = ids.reshape(-1).astype(np.int64)
+    bad = ((t < 0) | (t >= bound)) & (True if ignore_index is None else (t != ignore_index))
+    if flag[0] == 0 and bad.any():
+        flag[:] = code, t[bad.argmax()]
+
+
 REFS = {name: globals()[f"ref_{name}"] for name in (
     "gelu_forward", "gelu_backward", "gelu_tanh_forward", "gelu_tanh_backward", "layer_norm_forward",
     "layer_norm_backward_dx", "softmax_forward", "softmax_backward", "cross_entropy_forward",
-    "cross_entropy_backward", "adam_step")}
+    "cross_entropy_backward", "adam_step", "flag_bad_ids")}
 
 
 # =====================================================================================================
@@ -294,7 +302,7 @@ OP_CASES = {
     "layer_norm": (lambda x, w, b: F.layer_norm(x, w, b), ["layer_norm_forward", "layer_norm_backward_dx"]),
     "layer_norm_nobias": (lambda x, w: F.layer_norm(x, w), ["layer_norm_forward", "layer_norm_backward_dx"]),
     "cross_entropy": (lambda z, t: F.cross_entropy(z, t, ignore_index=2).reshape(1),
-                      ["cross_entropy_forward", "cross_entropy_backward"]),
+                      ["flag_bad_ids", "cross_entropy_forward", "cross_entropy_backward"]),
     "attention": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True),
                   ["softmax_forward", "softmax_backward"]),
     "attention_kv_cache": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True, scale=0.3),
@@ -347,7 +355,8 @@ def test_log_softmax_and_cross_entropy_arguments(fake_cuda, rng):
     assert fake_cuda[0][2] == {"log": True} and fake_cuda[1][2] == {"log": True}
     fake_cuda.clear()
     F.cross_entropy(x, on("cuda", np.array([1, -100])), ignore_index=-100).backward()
-    (name, args, _), (bname, bargs, _) = fake_cuda
+    (check, cargs, _), (name, args, _), (bname, bargs, _) = fake_cuda
+    assert check == "flag_bad_ids" and cargs[2:4] == (5, -100)     # the ids' bound V and ignore_index
     assert name == "cross_entropy_forward" and args[2] == -100 and bargs[-1] == -100
     assert bargs[1] is args[0]                     # the backward gets the forward's logits, lse and n_valid
 
@@ -382,7 +391,7 @@ def test_adam_takes_the_fused_branch_on_cuda_and_matches_cpu(opt_cls, kw, fake_c
 def test_cpu_ops_never_call_the_cuda_kernels(monkeypatch, rng):
     def boom(*a, **k):
         raise AssertionError("a CUDA kernel was called for a CPU tensor")
-    for name in list(REFS) + ["elementwise", "row_module"]:
+    for name in list(REFS) + ["elementwise", "row_module", "row_function", "raw_kernel"]:
         monkeypatch.setattr(cuda_kernels, name, boom)
     for name, (fn, _) in OP_CASES.items():
         _run_both(fn, _op_inputs(name, rng), "cpu")
@@ -412,6 +421,11 @@ def test_row_kernels_compile_with_nvcc(dtype, tmp_path):
 @pytest.mark.parametrize("dtype", sources.SUPPORTED_DTYPES)
 def test_elementwise_kernels_compile_with_nvcc(dtype, tmp_path):
     _nvcc(tmp_path, f"ew_{dtype}", elementwise_translation_unit(sources.ELEMENTWISE, dtype, "cuda"))
+
+
+@needs_nvcc
+def test_flag_bad_ids_kernel_compiles_with_nvcc(tmp_path):
+    _nvcc(tmp_path, "flag_bad_ids", cuda_kernels.FLAG_BAD_IDS_SOURCE)
 
 
 # =====================================================================================================
@@ -600,11 +614,12 @@ def test_host_cross_entropy_forward_matches_the_cpu_op(dtype, V, host_libs, rng)
 def host_cuda(monkeypatch, host_libs):
     monkeypatch.setitem(backend._DEVICES, "cuda", backend.Device("cuda", np, _NeverAnArray))
     monkeypatch.setattr(cuda_kernels, "_cupy", lambda: HostCuPy(host_libs))
-    for cached in (cuda_kernels.row_module, cuda_kernels.elementwise):
-        cached.cache_clear()
+    cached = (cuda_kernels.row_module, cuda_kernels.row_function, cuda_kernels.elementwise, cuda_kernels.raw_kernel)
+    for c in cached:
+        c.cache_clear()
     yield
-    for cached in (cuda_kernels.row_module, cuda_kernels.elementwise):
-        cached.cache_clear()
+    for c in cached:
+        c.cache_clear()
 
 
 @needs_cxx
@@ -659,6 +674,92 @@ def test_host_end_to_end_adam_matches_cpu(opt_cls, wd, host_cuda, rng):
             results[dev, fused] = np.asarray(p.data)
     np.testing.assert_allclose(results["cuda", True], results["cpu", True], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(results["cuda", True], results["cuda", False], rtol=1e-6, atol=1e-7)
+
+
+def _host_flag(host_libs, ids, bound, ignore=None, flag=(0, 0)):
+    """Run tg_flag_bad_ids on the host emulator, as the launcher does; returns the flag."""
+    flag = np.array(flag, np.int64)
+    k = HostCuPy(host_libs).RawKernel(cuda_kernels.FLAG_BAD_IDS_SOURCE, "tg_flag_bad_ids")
+    t = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
+    k((1,), (cuda_kernels.FLAG_BAD_IDS_THREADS,), (t, np.int64(t.size), np.int64(bound),
+                                                   np.int64(0 if ignore is None else ignore),
+                                                   np.int32(ignore is not None), np.int64(7), flag))
+    return flag.tolist()
+
+
+@needs_cxx
+def test_host_flag_bad_ids_keeps_the_first_bad_id_in_order(host_libs, rng):
+    V = 50
+    ids = rng.integers(0, V, 5000)
+    assert _host_flag(host_libs, ids, V) == [0, 0]                       # all good: untouched
+    for positions, values in (([3], [V]), ([4999], [-1]), ([2100, 1100, 4000], [99, -5, V]),
+                              ([1, 2, 3], [-7, V + 1, 10 ** 12]), ([1024, 1023], [V, -1])):
+        bad = ids.copy()
+        bad[positions] = values
+        first = min(positions)
+        assert _host_flag(host_libs, bad, V) == [7, bad[first]], positions
+    bad = ids.copy()
+    bad[[10, 20]] = -100, V
+    assert _host_flag(host_libs, bad, V, ignore=-100) == [7, V]          # ignore_index is not an error
+    assert _host_flag(host_libs, bad, V, flag=(3, 42)) == [3, 42]        # an earlier error stays
+
+
+@needs_cxx
+def test_host_end_to_end_bad_target_sets_the_flag_with_the_cpu_message(host_cuda, rng):
+    """cross_entropy on the stand-in device runs tg_flag_bad_ids (the embedding's ids take the same call;
+    the strict device's tests cover both wrappers, tests/test_gpu_readiness.py)."""
+    z = rng.standard_normal((3, 4)).astype(np.float32)
+    t = np.array([1, 4, -100])
+    with pytest.raises(IndexError) as cpu:
+        F.cross_entropy(on("cpu", z), on("cpu", t), ignore_index=-100)
+    dev = backend.get_device("cuda")
+    F.cross_entropy(on("cuda", z), on("cuda", t), ignore_index=-100)     # no raise: the flag holds it
+    code, value = dev.error_flag.tolist()
+    assert code > 0 and value == 4
+    assert backend._ERROR_MESSAGES[code - 1].format(value) == str(cpu.value)
+
+
+def test_kernels_are_built_once_and_looked_up_once(monkeypatch):
+    """RawModule, its functions, RawKernel and ElementwiseKernel are built on first use only."""
+    built = []
+
+    class Fn:
+        def __call__(self, grid, block, args):
+            pass
+
+    class Module:
+        def get_function(self, name):
+            built.append(("get_function", name))
+            return Fn()
+
+    class Cp:
+        int64 = np.int64
+
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        def RawModule(self, code):
+            built.append(("RawModule",))
+            return Module()
+
+        def RawKernel(self, code, name):
+            built.append(("RawKernel", name))
+            return Fn()
+
+    monkeypatch.setattr(cuda_kernels, "_cupy", lambda: Cp())
+    for c in (cuda_kernels.row_module, cuda_kernels.row_function, cuda_kernels.raw_kernel):
+        c.cache_clear()
+    try:
+        x = np.ones((3, 8), np.float32)
+        for _ in range(3):
+            cuda_kernels.softmax_forward(x)
+            cuda_kernels.softmax_backward(x, x)
+            cuda_kernels.flag_bad_ids(np.zeros(2, np.int64), np.arange(4), 4, None, 1)
+        assert built == [("RawModule",), ("get_function", "tg_softmax_fwd"), ("get_function", "tg_softmax_bwd"),
+                         ("RawKernel", "tg_flag_bad_ids")]
+    finally:
+        for c in (cuda_kernels.row_module, cuda_kernels.row_function, cuda_kernels.raw_kernel):
+            c.cache_clear()
 
 
 # =====================================================================================================

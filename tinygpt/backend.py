@@ -22,7 +22,8 @@ import numpy as np
 __all__ = [
     "Device", "DeviceError", "CudaUnavailableError", "get_device", "default_device", "register_device",
     "get_array_module", "device_of", "to_numpy", "to_device", "is_cuda_available", "scatter_add",
-    "synchronize", "manual_seed", "host_rng", "device_rng", "tune_allocator",
+    "synchronize", "manual_seed", "host_rng", "device_rng", "tune_allocator", "cuda_problem",
+    "upload", "flag_bad_ids", "raise_device_errors", "peak_device_bytes",
 ]
 
 
@@ -41,6 +42,8 @@ class Device:
     xp: ModuleType | Any
     array_type: type
     rng: Any = field(default=None, repr=False)  # the device's random generator, made on first use
+    error_flag: Any = field(default=None, repr=False)   # int64 [code, value] on the device (flag_bad_ids)
+    stager: Any = field(default=None, repr=False)       # pinned host buffers for `upload` (CUDA)
 
     def __repr__(self) -> str:
         return f"device({self.name!r})"
@@ -64,31 +67,105 @@ def _import_cupy() -> ModuleType | None:
 
 
 def is_cuda_available() -> bool:
-    """True when CuPy imports and sees at least one GPU. Never raises."""
-    cp = _import_cupy()
-    if cp is None:
-        return False
-    try:
-        return cp.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+    """True when device "cuda" works here: CuPy imports, sees a GPU, compiles and runs a kernel (NVRTC),
+    multiplies matrices (cuBLAS) and draws random numbers (cuRAND). Checked once; never raises."""
+    return cuda_problem() is None
 
 
-def _cuda_device() -> Device:
+_UNCHECKED = "unchecked"
+_cuda_status: "str | None" = _UNCHECKED      # None: CUDA works; a str: the one line that says why not
+
+
+def cuda_problem() -> "str | None":
+    """Why device "cuda" cannot work in this process, as one line, or None when it works.
+
+    The first call imports CuPy, counts the GPUs and, on the current GPU, compiles and launches a tiny
+    kernel (NVRTC), runs a small matmul (cuBLAS) and draws from CuPy's default_rng (cuRAND), then reads the
+    results back (a sync, once). CuPy 14 no longer bundles those libraries: a bare `pip install
+    cupy-cuda12x` imports and counts GPUs but fails at the first op, and this says so up front. The answer
+    is cached for the process."""
+    global _cuda_status
+    if _cuda_status == _UNCHECKED:
+        try:
+            _cuda_status = _check_cuda()
+        except Exception as e:                  # nothing may escape is_cuda_available
+            _cuda_status = f"device 'cuda' could not be checked ({_one_line(e)}); use device 'cpu'"
+    return _cuda_status
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """'Type: message' on one line, cut to `limit` characters."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_INSTALL = ('install it with: pip install "tinygpt[cuda]" (CUDA 12, NVIDIA driver >= 525) or '
+            '"tinygpt[cuda13]" (CUDA 13, driver >= 580), or use device \'cpu\'; where CuPy is preinstalled, '
+            'put it on PYTHONPATH instead of installing a second cupy-cudaXX')
+
+
+def _check_cuda() -> "str | None":
     cp = _import_cupy()
     if cp is None:
-        raise CudaUnavailableError(
-            f"device 'cuda' needs CuPy, which is not available ({_cupy_error}); "
-            "install it with: pip install \"tinygpt[cuda]\", or use device 'cpu'")
+        return f"device 'cuda' needs CuPy, which is not available ({_cupy_error}); {_INSTALL}"
     try:
         n = cp.cuda.runtime.getDeviceCount()
     except Exception as e:
-        n, why = 0, f" ({type(e).__name__}: {e})"
+        n, why = 0, f" ({_one_line(e)})"
     else:
         why = ""
     if n == 0:
-        raise CudaUnavailableError(
-            f"device 'cuda' needs an NVIDIA GPU, but CuPy found none{why}; use device 'cpu'")
+        return f"device 'cuda' needs an NVIDIA GPU, but CuPy found none{why}; use device 'cpu'"
+    return _probe_cuda(cp)
+
+
+_PROBE_KERNEL = r'extern "C" __global__ void tg_probe(float* x) { x[threadIdx.x] = 2.0f * threadIdx.x; }'
+
+
+def _probe_cuda(cp: Any) -> "str | None":
+    """Run once, on the current GPU, what every training step needs; the first check that fails names its
+    library and how to install it (a one-line str), None when all pass."""
+    try:
+        major = int(cp.cuda.runtime.runtimeGetVersion()) // 1000
+    except Exception:
+        major = 12
+    fix = (f"install CUDA {major}'s libraries with: pip install \"cuda-toolkit[nvrtc,cublas,curand]=={major}.*\" "
+           f"(what CuPy's [ctk] extra brings; never a second cupy-cudaXX), or use device 'cpu'")
+
+    def kernel():                               # NVRTC compiles it, the driver loads and launches it
+        x = cp.zeros(32, dtype=cp.float32)
+        cp.RawKernel(_PROBE_KERNEL, "tg_probe")((1,), (32,), (x,))
+        return x.sum()                          # 2 (0 + 1 + ... + 31) = 992
+
+    def matmul():
+        a = cp.ones((16, 16), dtype=cp.float32)
+        return (a @ a).sum()                    # 16 · 16 · 16 = 4096
+
+    def rng():                                  # what Dropout draws with (backend.device_rng)
+        r = cp.random.default_rng(0).random(64, dtype=cp.float32)
+        return ((r >= 0) & (r < 1)).sum() + (r.max() > r.min())    # 64 + 1
+
+    checks = (("compile and run a kernel", "NVRTC", kernel, 992.0),
+              ("run a matmul", "cuBLAS", matmul, 4096.0),
+              ("draw random numbers", "cuRAND", rng, 65.0))
+    for what, lib, run, expected in checks:
+        try:
+            got = run()
+            cp.cuda.get_current_stream().synchronize()
+            got = float(got)
+        except Exception as e:
+            return f"device 'cuda': CuPy cannot {what} ({lib}: {_one_line(e)}); {fix}"
+        if got != expected:
+            return (f"device 'cuda': CuPy's {lib} check gave {got} instead of {expected}; the GPU or its driver "
+                    f"is not working; use device 'cpu'")
+    return None
+
+
+def _cuda_device() -> Device:
+    problem = cuda_problem()
+    if problem is not None:
+        raise CudaUnavailableError(problem)
+    cp = _import_cupy()
     return Device("cuda", cp, cp.ndarray)
 
 
@@ -124,6 +201,12 @@ def device_of(arr: Any) -> Device:
     for dev in _DEVICES.values():
         if isinstance(arr, dev.array_type):
             return dev
+    # A CuPy array made before tinygpt used "cuda": recognise it without importing CuPy (if it is not in
+    # sys.modules, no CuPy array can exist), and register the device (which checks it, once).
+    cp = sys.modules.get("cupy")
+    if "cuda" not in _DEVICES and cp is not None and isinstance(getattr(cp, "ndarray", None), type) \
+            and isinstance(arr, cp.ndarray):
+        return get_device("cuda")
     return _DEVICES["cpu"]
 
 
@@ -138,13 +221,17 @@ def get_array_module(*arrays: Any) -> Any:
 
 
 def to_numpy(arr: Any) -> np.ndarray:
-    """Copy a device array to a host NumPy array (a no-op for NumPy arrays). This syncs the device."""
+    """Copy a device array to a host NumPy array (a no-op for NumPy arrays). This syncs the device, so it
+    also raises the error an op recorded on the device since the last read (see `flag_bad_ids`)."""
     if isinstance(arr, np.ndarray):
         return arr
     dev = device_of(arr)
     if dev.name == "cpu":
         return np.asarray(arr)
-    return dev.xp.asnumpy(arr)
+    out = dev.xp.asnumpy(arr)
+    if dev.error_flag is not None:
+        raise_device_errors(dev)
+    return out
 
 
 def to_device(arr: Any, device: "str | Device | None" = None) -> Any:
@@ -155,6 +242,117 @@ def to_device(arr: Any, device: "str | Device | None" = None) -> Any:
         return arr
     host = to_numpy(arr)
     return host if dev.name == "cpu" else dev.xp.asarray(host)
+
+
+def upload(host: np.ndarray, device: "str | Device | None" = None) -> Any:
+    """Copy a host array to `device` without making the host wait (the batch upload of every step).
+
+    On CUDA the array goes through a pinned (page-locked) staging buffer and an asynchronous copy queued
+    on the current stream, so Python goes on queueing the step's kernels while the copy waits its turn;
+    a plain `cupy.asarray` of pageable memory would wait for all queued work first. A staging buffer is
+    reused once its copy has finished (an event query, not a wait); the host waits only when the GPU is
+    several steps behind (`_Stager.DEPTH`). On other devices it is `to_device`."""
+    dev = get_device(device)
+    if dev.name != "cuda":
+        return to_device(host, dev)
+    if dev.stager is None:
+        dev.stager = _Stager(dev.xp)
+    return dev.stager.upload(np.ascontiguousarray(host))
+
+
+class _Stager:
+    """A few pinned host buffers, each with the event of its last copy (CUDA's pinned-memory pattern)."""
+    DEPTH = 4                   # copies in flight at most (steps the host may run ahead of the GPU)
+
+    def __init__(self, cp: Any):
+        self.cp = cp
+        self.slots: list = []   # [pinned uint8 buffer (NumPy view), event of its last copy or None]
+
+    def _slot(self, nbytes: int) -> list:
+        free = [s for s in self.slots if s[1] is None or s[1].done]        # cudaEventQuery: no wait
+        if not free and len(self.slots) >= self.DEPTH:
+            oldest = self.slots.pop(0)
+            oldest[1].synchronize()          # the GPU is DEPTH copies behind: wait for the oldest
+            self.slots.append(oldest)
+            free = [oldest]
+        if not free:
+            self.slots.append([None, None])
+            free = [self.slots[-1]]
+        slot = free[0]
+        self.slots = [s for s in self.slots if s is not slot] + [slot]    # in the order of the copies
+        if slot[0] is None or slot[0].nbytes < nbytes:
+            mem = self.cp.cuda.alloc_pinned_memory(max(nbytes, 1))     # as cupyx.empty_pinned does
+            slot[0] = np.ndarray((max(nbytes, 1),), dtype=np.uint8, buffer=mem)
+        return slot
+
+    def upload(self, host: np.ndarray) -> Any:
+        slot = self._slot(host.nbytes)
+        staged = slot[0][:host.nbytes].view(host.dtype).reshape(host.shape)
+        staged[...] = host                   # host -> pinned: a memcpy on the CPU
+        out = self.cp.empty(host.shape, dtype=host.dtype)
+        stream = self.cp.cuda.get_current_stream()
+        out.set(staged, stream=stream)       # pinned -> device, asynchronous on the stream
+        event = self.cp.cuda.Event(block=False, disable_timing=True)
+        event.record(stream)
+        slot[1] = event
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors found on the device. An op that must refuse bad input (an embedding id or a cross-entropy target
+# outside [0, V)) cannot raise on a GPU without reading a value back, which would make the host wait in
+# the middle of every step. Instead it records the first bad value in a small device array (the device's
+# error flag); reading any device value through tinygpt (to_numpy: loss.item(), .numpy(), printing, the
+# trainer's log line) reads the flag too and raises the same IndexError the CPU raises at once.
+
+_ERROR_MESSAGES: list = []              # code - 1 -> message template with {} for the bad value
+
+
+def flag_bad_ids(ids: Any, n: int, message: str, ignore_index: "int | None" = None,
+                 device: "str | Device | None" = None) -> None:
+    """Record on `device` (default: the ids'), without a sync, the first id outside [0, n) (ids equal to ignore_index
+    excepted) when no earlier error is pending. `message` is the IndexError's text, with {} where the bad
+    id goes; it is raised by the next `to_numpy` of an array of that device, or `raise_device_errors`.
+    On CUDA with the fused kernels on, one kernel launch (tinygpt/cuda/kernels.py); elsewhere a few
+    array ops."""
+    dev = device_of(ids) if device is None else get_device(device)
+    if dev.name == "cpu":
+        raise DeviceError("flag_bad_ids is for device arrays; on the CPU check and raise at once")
+    if ids.size == 0:
+        return
+    if message not in _ERROR_MESSAGES:
+        _ERROR_MESSAGES.append(message)
+    code = _ERROR_MESSAGES.index(message) + 1
+    xp = dev.xp
+    if dev.error_flag is None:
+        dev.error_flag = xp.zeros(2, dtype=xp.int64)
+    flag = dev.error_flag
+    if dev.name == "cuda":
+        from tinygpt import kernels                          # late: tinygpt.kernels imports this module
+        if kernels.fused(dev) == "cuda":
+            from tinygpt.cuda import kernels as cuda_kernels
+            cuda_kernels.flag_bad_ids(flag, ids, n, ignore_index, code)
+            return
+    t = ids.reshape(-1)
+    bad = (t < 0) | (t >= n)                                 # (N,) bool
+    if ignore_index is not None:
+        bad = bad & (t != ignore_index)
+    first = bad.argmax()                                     # 0-d: the first bad position (0 if none)
+    hit = bad[first] & (flag[0] == 0)                        # 0-d bool: a new error
+    flag[1] = xp.where(hit, t[first].astype(xp.int64), flag[1])
+    flag[0] = xp.where(hit, code, flag[0])
+
+
+def raise_device_errors(device: "str | Device | None" = None) -> None:
+    """Raise the IndexError an op recorded on `device` (flag_bad_ids), and clear it. Reads two int64
+    values back (a sync) when the device has a flag; nothing to do otherwise, and never on the CPU."""
+    dev = get_device(device)
+    if dev.error_flag is None:
+        return
+    code, value = (int(v) for v in dev.xp.asnumpy(dev.error_flag))
+    if code:
+        dev.error_flag[...] = 0
+        raise IndexError(_ERROR_MESSAGES[code - 1].format(value))
 
 
 def scatter_add(xp: Any, target: Any, indices: Any, values: Any) -> None:
@@ -173,6 +371,31 @@ def synchronize(device: "str | Device | None" = None) -> None:
     dev = get_device(device)
     if dev.name == "cuda":
         dev.xp.cuda.get_current_stream().synchronize()
+
+
+def peak_device_bytes(run: Any, device: "str | Device | None" = None) -> "int | None":
+    """Call run() and return the most bytes of device memory that arrays held at once meanwhile (CUDA: the
+    default CuPy pool's used bytes, not its cache, read by a memory hook after every allocation, so a peak
+    inside a step counts); arrays alive before the call count too. None off CUDA (run() still runs)."""
+    dev = get_device(device)
+    if dev.name != "cuda":
+        run()
+        return None
+    cp = dev.xp
+    pool = cp.get_default_memory_pool()
+    synchronize(dev)
+    peak = [pool.used_bytes()]
+
+    class PeakHook(cp.cuda.memory_hook.MemoryHook):
+        name = "tinygpt_peak_device_bytes"
+
+        def malloc_postprocess(self, **kwargs: Any) -> None:     # after the pool handed out a block
+            peak[0] = max(peak[0], pool.used_bytes())
+
+    with PeakHook():
+        run()
+        synchronize(dev)
+    return max(peak[0], pool.used_bytes())
 
 
 def device_normal_cdf(x: Any) -> Any:

@@ -387,6 +387,8 @@ def get_batch(data, batch_size: int, block_size: int, rng: np.random.Generator,
 
     The ``(B, T + 1)`` windows are gathered with one fancy index on the host,
     moved to the device in one copy, and ``x`` / ``y`` are views of that copy.
+    On CUDA the copy is asynchronous, from a pinned staging buffer
+    (``backend.upload``): the host does not wait for the GPU.
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), "
@@ -407,6 +409,6 @@ def get_batch(data, batch_size: int, block_size: int, rng: np.random.Generator,
     windows = np.array(data[index], dtype=np.int64)                 # host copy
 
     import tinygpt                          # late import: tinygpt imports this module
-    from tinygpt.backend import to_device
-    xy = to_device(windows, device)         # the one host -> device copy
+    from tinygpt.backend import upload
+    xy = upload(windows, device)            # the one host -> device copy (on CUDA: pinned, asynchronous)
     return tinygpt.tensor(xy[:, :-1], device=device), tinygpt.tensor(xy[:, 1:], device=device)

@@ -42,9 +42,10 @@ def _normal_(p: nn.Parameter, std: float) -> None:
 
 
 def _as_ids(idx: Any, device: backend.Device) -> Tensor:
-    """Token ids (a Tensor, NumPy array or nested list) as an integer Tensor on `device`."""
+    """Token ids (a Tensor, a NumPy or device (CuPy) array, or a nested list) as an integer Tensor on `device`."""
     if not isinstance(idx, Tensor):
-        idx = Tensor(backend.to_device(np.asarray(idx), device))
+        on_host = backend.device_of(idx).name == "cpu"          # np.asarray would refuse a CuPy array
+        idx = Tensor(backend.to_device(np.asarray(idx) if on_host else idx, device))
     if idx.dtype.kind not in "iu" or idx.ndim != 2:
         raise ValueError(f"idx must be a (B, T) array of integer token ids, got shape {idx.shape} "
                          f"and dtype {idx.dtype}")

@@ -301,6 +301,7 @@ class Trainer:
         """Write ckpt_{which}; TrainingDiverged (nothing written) if a weight is nan or inf."""
         if not self.world.is_main:                  # under MPI rank 0 writes (every rank holds the same state)
             return checkpoint.checkpoint_path(self.out_dir, which)
+        backend.raise_device_errors(self.device)    # a bad id a GPU step recorded: its IndexError, not a nan
         for p in self.model.parameters():
             if not bool(backend.get_array_module(p.data).isfinite(p.data).all()):
                 raise self._diverged(f"the weights hold nan or inf at iteration {self.iter}")
@@ -385,7 +386,8 @@ class Trainer:
                     t = time.perf_counter()
                     loss = self.train_step()
                     log_now = self.iter % self.log_interval == 0 and not bar.disable
-                    loss_value = float(backend.to_numpy(loss)) if log_now else None   # the only sync
+                    # the only sync; it raises an IndexError a GPU op recorded (backend.flag_bad_ids)
+                    loss_value = float(backend.to_numpy(loss)) if log_now else None
                     if loss_value is not None and not math.isfinite(loss_value):
                         raise self._diverged(f"the training loss is {loss_value} at iteration {self.iter - 1}")
                     dt = time.perf_counter() - t

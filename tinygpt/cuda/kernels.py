@@ -7,9 +7,11 @@
     attention's softmax                tg_softmax_{fwd,bwd}            the same, with scale and causal mask fused
     CrossEntropy forward / backward    tg_cross_entropy_fwd, _bwd      RawKernel per row / ElementwiseKernel
     Adam / AdamW step                  tg_adam                         ElementwiseKernel, one launch per parameter
+    id checks (embedding, targets)     tg_flag_bad_ids                 RawKernel, one block: the device's error flag
 
 The CUDA C source is in tinygpt/cuda/sources.py, generated per dtype (float16, float32, float64; the
-arithmetic is float for float16). Kernels are compiled on first use and cached, by CuPy on disk too.
+arithmetic is float for float16); tg_flag_bad_ids's is below. Kernels are compiled on first use and cached
+(the RawModule, each of its functions, each ElementwiseKernel and RawKernel), by CuPy on disk too.
 
 No function here reads a device value on the host: scalars that change every step (Adam's bias
 corrections) are Python floats computed from the host's step counter, and the ones that live on the
@@ -44,6 +46,12 @@ def row_module(dtype_name: str) -> Any:
 
 
 @lru_cache(maxsize=None)
+def row_function(dtype_name: str, name: str) -> Any:
+    """Row kernel `name` of `row_module(dtype_name)`, looked up once (not at every launch)."""
+    return row_module(dtype_name).get_function(name)
+
+
+@lru_cache(maxsize=None)
 def elementwise(name: str, dtype_name: str) -> Any:
     """The cupy.ElementwiseKernel `name` for this dtype."""
     ins, outs, op, kname, preamble = elementwise_spec(name, dtype_name)
@@ -60,7 +68,7 @@ def _launch_rows(name: str, n_rows: int, n_cols: int, dtype: Any, args: tuple) -
     if n_rows == 0 or n_cols == 0:
         return                                            # nothing to do (and a 0-block grid is an error)
     grid, block = row_launch(n_rows, n_cols)
-    row_module(dtype.name).get_function(name)(grid, block, args)
+    row_function(dtype.name, name)(grid, block, args)
 
 
 def _rows(x: Any) -> Any:
@@ -179,7 +187,8 @@ def cross_entropy_forward(logits: Any, targets: Any, ignore_index: int) -> tuple
 
     logits (..., V), targets (...) integer. Returns (loss (0-d, logits dtype), lse (N,), n_valid (0-d int64)),
     all on the device; lse and n_valid are what `cross_entropy_backward` needs. A target outside [0, V)
-    that is not ignore_index makes the loss NaN (a kernel cannot raise).
+    that is not ignore_index makes the loss NaN (a kernel cannot raise): ops/nn.py's cross_entropy flags it
+    first (`flag_bad_ids`), so the next read raises the CPU's IndexError instead.
     """
     xp = _cupy()
     V = logits.shape[-1]
@@ -214,6 +223,56 @@ def cross_entropy_backward(g: Any, logits: Any, targets: Any, lse: Any, n_valid:
     dz = elementwise("cross_entropy_bwd", logits.dtype.name)(
         z, lse, t, gout, n_valid.reshape(1), V, ignore_index)
     return dz.reshape(logits.shape)
+
+
+# --- id checks (embedding ids, cross-entropy targets) ---------------------------------------------------
+FLAG_BAD_IDS_SOURCE = r"""
+extern "C" __global__ void tg_flag_bad_ids(const long long* ids, long long n, long long bound,
+                                           long long ignore, int use_ignore, long long code, long long* flag) {
+    // One block. The first position i (in order) whose id is outside [0, bound), and is not `ignore` when
+    // use_ignore, writes flag = [code, ids[i]], unless flag[0] already holds an earlier error.
+    __shared__ unsigned long long first;
+    if (threadIdx.x == 0) first = 0xFFFFFFFFFFFFFFFFull;
+    __syncthreads();
+    if (flag[0] == 0) {                      // read by every thread before thread 0 writes it (below)
+        for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+            long long t = ids[i];
+            if ((t < 0 || t >= bound) && !(use_ignore && t == ignore)) {
+                atomicMin(&first, (unsigned long long)i);
+                break;                       // this thread's later positions come after i
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && first != 0xFFFFFFFFFFFFFFFFull) {
+        flag[1] = ids[first];
+        flag[0] = code;
+    }
+}
+"""
+FLAG_BAD_IDS_THREADS = 1024
+
+
+@lru_cache(maxsize=None)
+def raw_kernel(name: str) -> Any:
+    """A cupy.RawKernel of this module's own source (tg_flag_bad_ids), built once."""
+    sources_by_name = {"tg_flag_bad_ids": FLAG_BAD_IDS_SOURCE}
+    return _cupy().RawKernel(sources_by_name[name], name)
+
+
+def flag_bad_ids(flag: Any, ids: Any, bound: int, ignore_index: int | None, code: int) -> None:
+    """One launch: the first id outside [0, bound) (not ignore_index) goes to flag = [code, id] (int64 (2,),
+    on the device) unless flag[0] is already set; backend.flag_bad_ids documents the flag. No sync."""
+    xp = _cupy()
+    if flag.dtype != np.int64 or flag.shape != (2,):
+        raise ValueError(f"flag_bad_ids: the flag must be int64 of shape (2,), got {flag.dtype} {flag.shape}")
+    t = xp.ascontiguousarray(ids.reshape(-1), dtype=xp.int64)
+    if t.size == 0:
+        return
+    use_ignore = ignore_index is not None
+    raw_kernel("tg_flag_bad_ids")((1,), (FLAG_BAD_IDS_THREADS,),
+                                  (t, np.int64(t.size), np.int64(bound), np.int64(ignore_index if use_ignore else 0),
+                                   np.int32(use_ignore), np.int64(code), flag))
 
 
 # --- Adam / AdamW ---------------------------------------------------------------------------------------

@@ -25,9 +25,12 @@ def as_operand(x: Any, like: Any) -> Any:
         return tensor(x)
     xp = other.device.xp
     if isinstance(x, (bool, int)) and other.dtype.kind in "iu":
-        return xp.asarray(x, dtype=other.dtype)
-    dtype = other.dtype if other.dtype.kind == "f" else "float32"
-    return xp.asarray(x, dtype=dtype)  # Python/NumPy scalars, lists, host or device arrays
+        dtype = other.dtype
+    else:
+        dtype = other.dtype if other.dtype.kind == "f" else "float32"
+    if isinstance(x, (bool, int, float, np.bool_, np.integer, np.floating)):
+        return xp.full((), x, dtype=dtype)     # a scalar: filled on the device, not copied (and waited for)
+    return xp.asarray(x, dtype=dtype)  # lists, host or device arrays
 
 
 def _pair(a: Any, b: Any) -> tuple:

@@ -187,7 +187,8 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -1) -> Tenso
     """Mean over non-ignored targets of -log softmax(logits)[target].
 
     logits (N, V) with targets (N,), or logits (B, T, V) with targets (B, T). A target outside [0, V) that
-    is not ignore_index raises IndexError (on CUDA this check reads one flag back).
+    is not ignore_index raises IndexError; on a GPU without a sync: the device keeps the first bad target and
+    the next read of a device value (loss.item(), the trainer's log line) raises (backend.flag_bad_ids).
     """
     t = targets if isinstance(targets, Tensor) else Tensor(backend.to_device(targets, logits.device))
     if logits.shape[:-1] != t.shape:
@@ -196,7 +197,11 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -1) -> Tenso
     if t.dtype.kind not in "iu":
         raise TypeError(f"cross_entropy: targets must be integer class ids, got dtype {t.dtype}")
     V = logits.shape[-1]              # a target outside [0, V) would index past the row (or wrap, on CUDA)
-    if t.data.size and bool(((t.data != ignore_index) & ((t.data < 0) | (t.data >= V))).any()):
+    if logits.device.name != "cpu":   # the same error, raised at the next read instead of a sync here
+        backend.flag_bad_ids(t.data, V, f"cross_entropy: target {{}} is out of range for {V} classes: targets "
+                                        f"must be in [0, {V}) or equal ignore_index={ignore_index}", ignore_index,
+                             logits.device)
+    elif t.data.size and bool(((t.data != ignore_index) & ((t.data < 0) | (t.data >= V))).any()):
         bad = backend.to_numpy(t.data)
         bad = bad[(bad != ignore_index) & ((bad < 0) | (bad >= V))]
         raise IndexError(f"cross_entropy: target {int(bad.flat[0])} is out of range for {V} classes: targets "
@@ -216,7 +221,8 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float
 def embedding(idx: Any, weight: Tensor) -> Tensor:
     """Rows of `weight` (V, C) picked by integer ids `idx` (...) -> (..., C).
 
-    Ids outside [0, V) raise (CuPy would silently wrap them); on CUDA this check reads one flag back.
+    Ids outside [0, V) raise IndexError (CuPy would silently wrap them); on a GPU without a sync: the device
+    keeps the first bad id and the next read of a device value raises (backend.flag_bad_ids).
     """
     ids = _array(idx)
     if getattr(ids, "dtype", None) is None or ids.dtype.kind not in "iu":
@@ -226,7 +232,10 @@ def embedding(idx: Any, weight: Tensor) -> Tensor:
         raise backend.DeviceError(f"embedding: ids are on {backend.device_of(ids).name!r} but the table is "
                                   f"on {weight.device.name!r}; move them with .to({weight.device.name!r})")
     V = weight.shape[0]
-    if ids.size and bool(((ids < 0) | (ids >= V)).any()):
+    if weight.device.name != "cpu":   # the same error, raised at the next read instead of a sync here
+        backend.flag_bad_ids(ids, V, f"embedding: id {{}} is out of range for a table of {V} rows",
+                             device=weight.device)
+    elif ids.size and bool(((ids < 0) | (ids >= V)).any()):
         bad = backend.to_numpy(ids)
         bad = bad[(bad < 0) | (bad >= V)]
         raise IndexError(f"embedding: id {int(bad.flat[0])} is out of range for a table of {V} rows")
