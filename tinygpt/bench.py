@@ -10,7 +10,10 @@ random batch. The two frameworks run in alternating rounds, so a noisy machine s
 reports the median of its steps. FLOPs per step count the matmuls: 6 per weight per token for the
 linear layers (forward 2, backward 4) and 12·L·T·C per token for attention's q·kᵀ and p·v. MFU is the
 achieved rate over this device's measured float32 matmul rate. Peak memory is each framework's own
-process's peak RSS on the CPU (measured in a child process each), the allocator's peak on CUDA.
+process's peak RSS on the CPU (measured in a child process each). On CUDA it is the most bytes each
+framework's arrays held at once over two extra steps: CuPy's pool in use (not cached), read by a memory hook
+at every allocation (backend.peak_device_bytes), and torch's max_memory_allocated after
+reset_peak_memory_stats; the matmul-rate probe's 512 MiB is freed before either.
 """
 from __future__ import annotations
 
@@ -97,7 +100,15 @@ def matmul_peak_gflops(device: str) -> float:
         a @ a
         backend.synchronize(device)
         best = min(best, time.perf_counter() - t0)
+    del a
+    if device == "cuda":                  # the probe's 2 × 256 MiB leave the pool: no one's peak holds them
+        xp.get_default_memory_pool().free_all_blocks()
     return 2 * n ** 3 / best / 1e9
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """x rounded to `digits` significant digits: a 0.4 ms GPU step stays 0.4123, not 0.41."""
+    return float(f"{x:.{digits}g}")
 
 
 def _setup(preset: str, batch_size: int, device: str, workers: int | None = None) -> tuple:
@@ -298,18 +309,19 @@ def run(args: argparse.Namespace) -> int:
         "n_params": model.num_parameters(), "steps": len(times["tinygpt"]), "rounds": rounds,
         "threads": os.environ.get("TINYGPT_NUM_THREADS") or "auto", "matmul_peak_gflops": round(peak, 1),
         "torch": torch_version, "first_loss": {k: round(v, 5) for k, v in losses.items()}}
-    for name, ts in times.items():
-        ms = statistics.median(ts) * 1000
-        result[name] = {"ms_per_step": round(ms, 2), "tokens_per_s": round(tokens / ms * 1000, 1),
-                        "gflops": round(flops / ms / 1e6, 1), "mfu": round(flops / ms / 1e6 / peak, 3)}
+    ms_of = {name: statistics.median(ts) * 1000 for name, ts in times.items()}
+    for name, ms in ms_of.items():                    # significant digits: a fast step keeps its precision
+        result[name] = {"ms_per_step": _sig(ms), "tokens_per_s": round(tokens / ms * 1000, 1),
+                        "gflops": _sig(flops / ms / 1e6), "mfu": _sig(flops / ms / 1e6 / peak, 3)}
     if "torch" in times:
-        result["speed_ratio_vs_torch"] = round(result["torch"]["ms_per_step"] / result["tinygpt"]["ms_per_step"], 3)
-    if device == "cuda":
-        pool = backend.get_device("cuda").xp.get_default_memory_pool()
-        result["tinygpt"]["peak_mem_mb"] = round(pool.total_bytes() / 2 ** 20, 1)
+        result["speed_ratio_vs_torch"] = _sig(ms_of["torch"] / ms_of["tinygpt"])
+    if device == "cuda":                              # two more steps each, under the peak trackers
+        two_steps = lambda s: lambda: [s() for _ in range(2)]                  # noqa: E731
+        result["tinygpt"]["peak_mem_mb"] = round(backend.peak_device_bytes(two_steps(step), device) / 2 ** 20, 1)
         if "torch" in times:
             from tinygpt import bench_torch
-            result["torch"]["peak_mem_mb"] = round(bench_torch.peak_memory_bytes(device) / 2 ** 20, 1)
+            result["torch"]["peak_mem_mb"] = round(
+                bench_torch.peak_memory_bytes(device, two_steps(racers["torch"])) / 2 ** 20, 1)
     elif not getattr(args, "no_memory", False):
         for name in times:
             rss = _child_peak_rss(name, preset, batch_size, device)

@@ -123,7 +123,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def peak_memory_bytes(device: str) -> int | None:
-    """The CUDA caching allocator's peak (None on the CPU, where the benchmark reads the process RSS)."""
+def peak_memory_bytes(device: str, run: Any = None) -> int | None:
+    """The most bytes torch's tensors held at once on CUDA while `run()` ran (the peak counter reset first,
+    so nothing before counts: not tinygpt's arrays, which live in CuPy's pool, nor torch's warm-up); since
+    the start of the process without `run`. None on the CPU, where the benchmark reads the process RSS."""
     import torch
-    return int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
+    if device != "cuda":
+        return None
+    if run is not None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated())
