@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -23,14 +24,17 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import mpi_scenarios as sc  # noqa: E402
 
-MPIEXEC = shutil.which("mpiexec")
+# the mpiexec next to this Python first: MPICH's wheel puts it in the scripts folder, which a version manager's
+# shims (pyenv) may not cover until they are rehashed
+_SEARCH = os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")])
+MPIEXEC = shutil.which("mpiexec", path=_SEARCH)
 
 
 def _have_mpi4py() -> bool:
+    import importlib.util
     try:
-        import importlib.util
         return importlib.util.find_spec("mpi4py") is not None
-    except ImportError:
+    except (ImportError, ValueError):
         return False
 
 
