@@ -191,8 +191,10 @@ class Trainer:
             checkpoint.check_model_config(config, ckpt.model_state, last)
         n_params = memory.parameter_count(config)
         sized = SimpleNamespace(num_parameters=lambda: n_params)           # the model before it exists
-        workers = choose_workers(s.workers, sized, s.batch_size * s.block_size) if self.device.name == "cpu" else 1
-        memory.check_fits(config, s.batch_size, s.block_size, workers, self.device.name)
+        cpu_alone = self.device.name == "cpu" and self.world.world_size == 1     # under MPI nothing forks
+        workers = choose_workers(s.workers, sized, s.batch_size * s.block_size) if cpu_alone else 1
+        rows = -(-s.batch_size // self.world.world_size)                        # this rank's share of a batch
+        memory.check_fits(config, rows, s.block_size, workers, self.device.name)
         tinygpt.manual_seed(s.seed)
         self.model = models.model_from_config(config, device=self.device)
         self.optimizer = optim.AdamW(optim.weight_decay_groups(self.model, s.weight_decay), lr=s.lr,
