@@ -497,7 +497,8 @@ def test_killing_the_trainer_leaves_no_worker_and_resume_continues(corpus, tmp_p
     cmd = [sys.executable, "-m", "tinygpt", "train", "--data", str(corpus), "--out-dir", str(out),
            "--max-iters", "1000000", "--eval-interval", "5", "--workers", "3", "--no-progress", *TINY_FLAGS]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    with open(tmp_path / "err.txt", "w") as err_file:            # a file: a surviving worker cannot block it
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_file, text=True, env=env)
     workers = []
     try:
         deadline = time.time() + 60
@@ -508,7 +509,7 @@ def test_killing_the_trainer_leaves_no_worker_and_resume_continues(corpus, tmp_p
         assert len(workers) == 2, workers                   # --workers 3: two forked processes
         p.send_signal(getattr(signal, sig))
         rc = p.wait(timeout=60)
-        err = p.stderr.read()
+        err = (tmp_path / "err.txt").read_text()
         deadline = time.time() + 5
         while time.time() < deadline and not all(_gone(w) for w in workers):
             time.sleep(0.05)
