@@ -357,11 +357,13 @@ _HOLD_LOCK = r"""
 import os, sys, time
 from tinygpt import rundir
 lock = rundir.OutDirLock(sys.argv[1]).acquire()
+child = 0
 if sys.argv[2] == "fork":          # a child that outlives us must not keep the out-dir locked
-    if os.fork() == 0:
+    child = os.fork()
+    if child == 0:
         time.sleep(30)
         os._exit(0)
-print(os.getpid(), flush=True)
+print(os.getpid(), child, flush=True)
 time.sleep(30)
 """
 
@@ -369,7 +371,8 @@ time.sleep(30)
 def hold_lock(out_dir, mode="hold"):
     p = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out_dir), mode], stdout=subprocess.PIPE, text=True,
                          env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert int(p.stdout.readline()) == p.pid
+    pid, p.child = map(int, p.stdout.readline().split())
+    assert pid == p.pid
     return p
 
 
@@ -418,8 +421,18 @@ def test_a_forked_child_does_not_keep_the_lock_when_its_parent_is_killed(tmp_pat
         rundir.OutDirLock(tmp_path / "o").acquire()
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    lock = rundir.OutDirLock(tmp_path / "o").acquire()      # its child still sleeps: the lock is free anyway
+    deadline = time.time() + 3                     # the child drops its copy as soon as it first runs
+    while True:
+        try:
+            lock = rundir.OutDirLock(tmp_path / "o").acquire()   # its child still sleeps: the lock is free
+            break
+        except rundir.OutDirBusyError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.05)
     lock.release()
+    assert not _gone(holder.child)                 # the child was alive all along
+    os.kill(holder.child, signal.SIGKILL)
 
 
 def test_concurrent_fresh_runs_into_one_out_dir_one_wins(corpus, tmp_path):
