@@ -143,6 +143,14 @@ def test_one_process_imports_no_mpi(tmp_path, corpus):
     assert "ranks" not in out
 
 
+@pytest.mark.skipif(backend.is_cuda_available(), reason="checks the message given without CuPy or a GPU")
+def test_the_nccl_runtime_without_a_gpu_is_one_line():
+    from tinygpt.cuda.nccl import Runtime
+    with pytest.raises(backend.DeviceError) as e:
+        Runtime()
+    assert "\n" not in str(e.value) and "cuda" in str(e.value)
+
+
 # --- the numbers: 2 (and 3) ranks against one process ---------------------------------------------------------
 def one_process(B):
     """The truth: the batch's gradient, 10 SGD steps and 10 AdamW steps, in this process."""
