@@ -402,4 +402,49 @@ case("NF.cross_entropy_none", lambda z, t: NF.cross_entropy(z, t, reduction="non
      lambda z, t: -np_log_softmax(z)[np.arange(4), t],
      lambda T, z, t: T.nn.functional.cross_entropy(z, t, reduction="none"))
 
+
+# --- the speedrun options' ops (tinygpt/ops/norm.py): RMSNorm, ReLU², rotary position embedding ------------
+def np_rms_norm(x, w, eps=1e-5):
+    return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * w
+
+
+def np_rotary(x):
+    """Each pair (x_i, x_{i+hs/2}) as the complex number x_i + i·x_{i+hs/2}, times e^(−iθ), θ = t·10000^(−2i/hs)."""
+    T, hs = x.shape[-2:]
+    h = hs // 2
+    theta = np.arange(T)[:, None] * 10000.0 ** (-np.arange(h)[None, :] * 2.0 / hs)
+    z = (x[..., :h] + 1j * x[..., h:]) * np.exp(-1j * theta)
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def _rope(x):
+    from tinygpt.ops import norm as norm_ops
+    return norm_ops.rotary(x, *norm_ops.rotary_tables(x.shape[-2], x.shape[-1], device=x.device, dtype=x.dtype))
+
+
+def _torch_rope(T, x):
+    Tn, hs = x.shape[-2:]
+    h = hs // 2
+    theta = T.arange(Tn, dtype=x.dtype)[:, None] * 10000.0 ** (-T.arange(h, dtype=x.dtype)[None, :] * 2.0 / hs)
+    c, s = T.cos(theta), T.sin(theta)
+    x1, x2 = x[..., :h], x[..., h:]
+    return T.cat([x1 * c + x2 * s, x2 * c - x1 * s], dim=-1)
+
+
+def _norm_ops():
+    from tinygpt.ops import norm as norm_ops
+    return norm_ops
+
+
+case("rms_norm", lambda x, w: _norm_ops().rms_norm(x, w), randn((2, 3, 6), (6,)), np_rms_norm,
+     lambda T, x, w: T.nn.functional.rms_norm(x, (6,), w, eps=1e-5))
+case("rms_norm_of_transposed", lambda x, w: _norm_ops().rms_norm(x.T, w) * 2, randn((3, 5), (3,)),
+     lambda x, w: np_rms_norm(x.T, w) * 2, lambda T, x, w: T.nn.functional.rms_norm(x.T, (3,), w, eps=1e-5) * 2)
+case("relu_squared", lambda x: _norm_ops().relu_squared(x), away_from_zero((3, 5)), lambda x: np.maximum(x, 0) ** 2,
+     lambda T, x: T.relu(x) ** 2)
+case("rotary", _rope, randn((2, 3, 5, 8)), np_rotary, _torch_rope)
+case("rotary_of_qkv_slice", lambda x: _rope(x.reshape(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)[1]),
+     randn((2, 5, 24)), lambda x: np_rotary(x.reshape(2, 5, 3, 2, 4).transpose(2, 0, 3, 1, 4)[1]),
+     lambda T, x: _torch_rope(T, x.reshape(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)[1]))
+
 CASE_IDS = [c.name for c in CASES]

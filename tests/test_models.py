@@ -346,3 +346,110 @@ def test_stream_decoder_never_prints_half_a_character():
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
     assert pieces[1] == "" and pieces[2] == "é"              # 0xC3 waits for 0xA9
+
+
+# ---- the speedrun options (GPTConfig norm, rope, qk_norm, activation="relu2"; tinygpt/ops/norm.py) ----------
+
+SPEED_OPTIONS = [dict(norm="rmsnorm"), dict(rope=True), dict(qk_norm=True), dict(activation="relu2"),
+                 dict(norm="rmsnorm", rope=True, qk_norm=True, activation="relu2", tie_weights=False)]
+
+
+def torch_forward_with_options(T, cfg: GPTConfig, params: dict, idx, targets):
+    """The GPT forward with the speedrun options, written functionally in PyTorch from the paper formulas
+    (RMSNorm: x/√(mean x² + ε)·w; RoPE as complex rotation of (x_i, x_{i+hs/2}) by e^(−i t θ_i); ReLU²)."""
+    tF = T.nn.functional
+    C, nh = cfg.n_embd, cfg.n_head
+    hs = C // nh
+
+    def norm(x, prefix):
+        if cfg.norm == "rmsnorm":
+            return x * T.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5) * params[prefix + ".weight"]
+        return tF.layer_norm(x, (C,), params[prefix + ".weight"], params.get(prefix + ".bias"), 1e-5)
+
+    def rope(x):                                              # (B, nh, Tn, hs)
+        Tn = x.shape[-2]
+        theta = T.arange(Tn, dtype=T.float64)[:, None] * 10000.0 ** (-T.arange(hs // 2, dtype=T.float64) * 2 / hs)
+        z = T.complex(x[..., :hs // 2].double(), x[..., hs // 2:].double()) * T.exp(-1j * theta)
+        return T.cat([z.real, z.imag], -1).to(x.dtype)
+
+    B, Tn = idx.shape
+    x = params["transformer.wte.weight"][idx]
+    if not cfg.rope:
+        x = x + params["transformer.wpe.weight"][:Tn]
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        q, k, v = (norm(x, p + "ln_1") @ params[p + "attn.c_attn.weight"].T).split(C, dim=2)
+        q, k, v = (t.view(B, Tn, nh, hs).transpose(1, 2) for t in (q, k, v))
+        if cfg.qk_norm:
+            q, k = (t * T.rsqrt((t * t).mean(-1, keepdim=True) + 1e-5) for t in (q, k))
+        if cfg.rope:
+            q, k = rope(q), rope(k)
+        y = tF.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, Tn, C)
+        x = x + y @ params[p + "attn.c_proj.weight"].T
+        h = norm(x, p + "ln_2") @ params[p + "mlp.c_fc.weight"].T
+        h = {"gelu": tF.gelu, "relu": T.relu, "relu2": lambda u: T.relu(u) ** 2}[cfg.activation](h)
+        x = x + h @ params[p + "mlp.c_proj.weight"].T
+    head = params["transformer.wte.weight"] if cfg.tie_weights else params["lm_head.weight"]
+    logits = norm(x, "transformer.ln_f") @ head.T
+    return tF.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@pytest.mark.parametrize("opts", SPEED_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_speed_options_match_a_torch_forward_and_gradients(opts):
+    torch = torch_or_skip()
+    tinygpt.manual_seed(3)
+    m = tiny(bias=False, **opts)
+    cfg = m.config
+    x, y = batch()
+    _, loss = m(x, y)
+    loss.backward()
+    named = dict(m.named_parameters())
+    params = {n: torch.tensor(p.numpy(), requires_grad=True) for n, p in named.items()}
+    ref = torch_forward_with_options(torch, cfg, params, torch.tensor(x), torch.tensor(y))
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), abs=2e-5)
+    for n, p in named.items():
+        np.testing.assert_allclose(p.grad, params[n].grad.numpy(), atol=3e-5, rtol=1e-3, err_msg=n)
+
+
+def test_speed_options_default_off_and_what_they_change():
+    old = tiny(bias=False)
+    cfg = old.config_dict()
+    assert (cfg["norm"], cfg["rope"], cfg["qk_norm"]) == ("layernorm", False, False)
+    for key in ("norm", "rope", "qk_norm"):                   # a checkpoint from before the options loads
+        cfg.pop(key)
+    assert models.model_from_config(cfg).config == old.config
+    names = dict(tiny(bias=False, rope=True, norm="rmsnorm").named_parameters())
+    assert "transformer.wpe.weight" not in names              # rope: positions live in q and k
+    assert set(dict(old.named_parameters())) - set(names) == {"transformer.wpe.weight"}
+    assert isinstance(tiny(norm="rmsnorm").transformer.h[0].ln_1, models.RMSNorm)
+    with pytest.raises(ConfigError, match="norm"):
+        GPTConfig(**TINY, norm="batchnorm")
+    with pytest.raises(ConfigError, match="relu2"):
+        GPTConfig(**TINY, activation="swish")
+    with pytest.raises(ConfigError, match="even head size"):
+        GPTConfig(**{**TINY, "n_embd": 12, "n_head": 4}, rope=True)
+
+
+def test_rope_scores_depend_only_on_relative_position(rng):
+    from tinygpt.ops import norm as norm_ops
+    q, k = rng.standard_normal((2, 1, 1, 1, 8))
+    cos, sin = norm_ops.rotary_tables(40, 8, dtype=np.float64)
+    def rotated(x, t):
+        return norm_ops.rotary(tinygpt.tensor(x), cos[t:t + 1], sin[t:t + 1]).numpy().ravel()
+    scores = [rotated(q, t + 7) @ rotated(k, t) for t in (0, 5, 30)]          # query 7 after the key
+    assert np.allclose(scores, scores[0]) and not np.isclose(scores[0], rotated(q, 9) @ rotated(k, 0))
+
+
+@pytest.mark.parametrize("opts", SPEED_OPTIONS[1:2] + SPEED_OPTIONS[-1:], ids=["rope", "all"])
+def test_kv_cache_with_speed_options_matches_full_forward(opts):
+    m = tiny(bias=False, **opts)
+    m.eval()
+    ids = np.random.default_rng(0).integers(0, 23, (2, 16))
+    full = m(ids)[0].numpy()
+    cache = models.KVCache(m.config, 2, m.device)
+    with tinygpt.no_grad():
+        first = m.lm_head(m._hidden(tinygpt.tensor(ids[:, :5]), cache)).numpy()
+        steps = [m.lm_head(m._hidden(tinygpt.tensor(ids[:, t:t + 1]), cache)).numpy()[:, 0] for t in range(5, 16)]
+    np.testing.assert_allclose(first, full[:, :5], atol=1e-5)
+    np.testing.assert_allclose(np.stack(steps, axis=1), full[:, 5:], atol=1e-5)

@@ -19,6 +19,7 @@ import numpy as np
 
 from tinygpt import backend, nn
 from tinygpt import functional as F
+from tinygpt.ops import norm as norm_ops
 from tinygpt.sample import sample_next
 from tinygpt.tensor import Tensor, no_grad
 
@@ -140,6 +141,10 @@ class GPTConfig:
     qkv_bias: bool | None = None    # bias of c_attn (the q, k, v projection); None: same as `bias`
     activation: str = "gelu"        # "gelu" (nanoGPT, exact erf form) or "relu" (the lecture's gpt.py)
     tie_weights: bool = True        # lm_head.weight IS transformer.wte.weight
+    # speedrun options (tinygpt/ops/norm.py); the defaults are nanoGPT's GPT, so old checkpoints load as they were
+    norm: str = "layernorm"         # "layernorm", or "rmsnorm": x / rms(x) · w (no mean, no bias)
+    rope: bool = False              # rotary position embedding on q and k instead of the learned wpe table
+    qk_norm: bool = False           # RMS-normalize q and k per head (no weight) before attention
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -152,12 +157,42 @@ class GPTConfig:
                               f"{self.n_head * max(1, round(self.n_embd / self.n_head))}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.activation not in ("gelu", "relu"):
-            raise ConfigError(f"activation must be 'gelu' or 'relu', got {self.activation!r}")
+        if self.activation not in ("gelu", "relu", "relu2"):
+            raise ConfigError(f"activation must be 'gelu', 'relu' or 'relu2', got {self.activation!r}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ConfigError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if self.rope and (self.n_embd // self.n_head) % 2:
+            raise ConfigError(f"rope needs an even head size, got n_embd // n_head = {self.n_embd // self.n_head}")
 
     @property
     def attn_bias(self) -> bool:
         return self.bias if self.qkv_bias is None else bool(self.qkv_bias)
+
+
+class RMSNorm(nn.Module):
+    """y = x / √(mean(x²) + ε) · w over the last axis (GPTConfig norm="rmsnorm"); weight init 1, no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = float(eps)
+        self.weight = nn.Parameter(Tensor(np.ones(dim, dtype=np.float32)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return norm_ops.rms_norm(x, self.weight, self.eps)
+
+
+def _norm(config: GPTConfig) -> nn.Module:
+    """The block's and the final normalization: nanoGPT's LayerNorm, or RMSNorm."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias, device="cpu")
+
+
+class ReLUSquared(nn.Module):
+    """max(x, 0)² (GPTConfig activation="relu2")."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return norm_ops.relu_squared(x)
 
 
 class CausalSelfAttention(nn.Module):
@@ -167,6 +202,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         C = config.n_embd
         self.n_head, self.dropout = config.n_head, config.dropout
+        self.rope, self.qk_norm = config.rope, config.qk_norm
+        self._rope_tables: dict = {}              # (start, stop, device name) -> (cos, sin)
         self.c_attn = nn.Linear(C, 3 * C, bias=config.attn_bias, device="cpu")   # x -> q, k, v
         self.c_proj = nn.Linear(C, C, bias=config.bias, device="cpu")             # heads -> residual
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -176,6 +213,13 @@ class CausalSelfAttention(nn.Module):
         nh = self.n_head
         qkv = self.c_attn(x).reshape(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4)   # (3, B, nh, T, hs)
         q, k, v = qkv[0], qkv[1], qkv[2]                                            # (B, nh, T, hs) each
+        if self.qk_norm:                                          # q, k scaled to rms 1 per head
+            ones = self._ones(C // nh, x)
+            q, k = norm_ops.rms_norm(q, ones), norm_ops.rms_norm(k, ones)
+        if self.rope:                                             # rotate by position (cache: from its length)
+            start = 0 if cache is None else cache.length
+            cos, sin = self._tables(start, start + T, C // nh, x)
+            q, k = norm_ops.rotary(q, cos, sin), norm_ops.rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.append(layer, k, v)                      # (B, nh, Tk, hs): this step's and earlier
         if attention_probe is not None:                           # viz.capture_attention is recording
@@ -186,6 +230,20 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)                    # (B, T, nh·hs): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
+    def _tables(self, start: int, stop: int, hs: int, x: Tensor):
+        key = (start, stop, x.device.name, x.dtype.str)
+        if key not in self._rope_tables:
+            if len(self._rope_tables) > 8:
+                self._rope_tables.clear()
+            self._rope_tables[key] = norm_ops.rotary_tables((start, stop), hs, device=x.device, dtype=x.dtype)
+        return self._rope_tables[key]
+
+    def _ones(self, hs: int, x: Tensor) -> Tensor:
+        key = ("ones", hs, x.device.name, x.dtype.str)
+        if key not in self._rope_tables:
+            self._rope_tables[key] = Tensor(x.device.xp.ones(hs, dtype=x.dtype))
+        return self._rope_tables[key]
+
 
 class MLP(nn.Module):
     """Position-wise feed-forward: C -> 4C -> activation -> C."""
@@ -194,7 +252,7 @@ class MLP(nn.Module):
         super().__init__()
         C = config.n_embd
         self.c_fc = nn.Linear(C, 4 * C, bias=config.bias, device="cpu")
-        self.act = nn.GELU() if config.activation == "gelu" else nn.ReLU()
+        self.act = {"gelu": nn.GELU, "relu": nn.ReLU, "relu2": ReLUSquared}[config.activation]()
         self.c_proj = nn.Linear(4 * C, C, bias=config.bias, device="cpu")
         self.dropout = nn.Dropout(config.dropout)
 
@@ -207,9 +265,9 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias, device="cpu")
+        self.ln_1 = _norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias, device="cpu")
+        self.ln_2 = _norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cache: "KVCache | None" = None, layer: int = 0) -> Tensor:
@@ -223,10 +281,11 @@ class Transformer(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.n_embd, device="cpu")    # (V, C) token embedding
-        self.wpe = nn.Embedding(config.block_size, config.n_embd, device="cpu")    # (block_size, C) position
+        if not config.rope:                                                         # rope: positions in q, k
+            self.wpe = nn.Embedding(config.block_size, config.n_embd, device="cpu")  # (block_size, C) position
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias, device="cpu")
+        self.ln_f = _norm(config)
 
 
 class KVCache:
@@ -302,8 +361,11 @@ class GPT(_Generator, nn.Module):
                              f"{self.config.block_size} tokens")
         tr = self.transformer
         tok_emb = tr.wte(idx)                                     # (B, T, C)
-        pos_emb = tr.wpe.weight[start:start + T]                  # (T, C): wpe(arange(start, start + T))
-        x = tr.drop(tok_emb + pos_emb)
+        if self.config.rope:                                      # positions enter in attention
+            x = tr.drop(tok_emb)
+        else:
+            pos_emb = tr.wpe.weight[start:start + T]              # (T, C): wpe(arange(start, start + T))
+            x = tr.drop(tok_emb + pos_emb)
         for i, block in enumerate(tr.h):
             x = block(x, cache, i)
         if cache is not None:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from tinygpt import checkpoint
 
 __all__ = ["RunSettings", "SampleSettings", "Range", "OneOf", "setting", "add_flags", "check_fields",
-           "make_schedule", "resumed_settings", "RESUMABLE"]
+           "make_schedule", "make_optimizer", "resumed_settings", "RESUMABLE"]
 
 
 @dataclass(frozen=True)
@@ -192,8 +192,14 @@ class RunSettings:
     dropout: float = setting(0.0, "dropout probability", Range(0, 1, hi_open=True), gpt=True)
     bias: bool = setting(False, "biases in Linear and LayerNorm layers", gpt=True)
     qkv_bias: bool | None = setting(None, "bias of the q, k, v projection", gpt=True, default_help="as --bias")
-    activation: str = setting("gelu", "the MLP's nonlinearity", OneOf("gelu", "relu"), gpt=True)
+    activation: str = setting("gelu", "the MLP's nonlinearity (relu2: ReLU squared)", OneOf("gelu", "relu", "relu2"),
+                              gpt=True)
     tie_weights: bool = setting(True, "lm_head shares the token embedding's weights", gpt=True)
+    norm: str = setting("layernorm", "the normalization of the blocks and the output", OneOf("layernorm", "rmsnorm"),
+                        gpt=True)
+    rope: bool = setting(False, "rotary position embedding on q and k instead of a learned position table",
+                         gpt=True)
+    qk_norm: bool = setting(False, "RMS-normalize q and k per head before attention", gpt=True)
     batch_size: int = setting(12, "sequences per micro-batch", Range(1))
     grad_accum: int = setting(1, "micro-batches per optimizer step", Range(1))
     max_iters: int = setting(2000, "iteration to stop at (the lr schedule does not change)", Range(0),
@@ -209,6 +215,13 @@ class RunSettings:
     beta2: float = setting(0.99, "AdamW's decay of the squared gradient's running mean",
                            Range(0, 1, hi_open=True))
     grad_clip: float = setting(1.0, "clip the global gradient norm (0: off)", Range(0))
+    optimizer: str = setting("adamw", "adamw, or muon: Newton-Schulz orthogonalized momentum on the blocks' 2-D "
+                                      "weights and AdamW (at --lr) on the rest (tinygpt/optim/muon.py)",
+                             OneOf("adamw", "muon"))
+    muon_lr: float = setting(0.02, "--optimizer muon: peak learning rate of the Muon weights (the schedule "
+                                   "scales it as it scales --lr)", Range(0, lo_open=True))
+    muon_momentum: float = setting(0.95, "--optimizer muon: momentum of the Muon weights",
+                                   Range(0, 1, hi_open=True))
     eval_interval: int = setting(250, "evaluate and checkpoint every N iterations", Range(1), resumable=True)
     eval_iters: int = setting(20, "batches averaged per evaluation", Range(1), resumable=True)
     seed: int = setting(1337, "random seed", Range(0))
@@ -296,6 +309,16 @@ def make_schedule(s: RunSettings):
     if not s.decay_lr:
         return optim.ConstantLR(s.lr)
     return optim.WarmupCosineLR(s.lr, s.warmup_iters, s.lr_decay_iters, s.min_lr)
+
+
+def make_optimizer(s: RunSettings, model: Any) -> optim.Optimizer:
+    """The run's optimizer: AdamW with nanoGPT's decay groups, or Muon on the blocks' 2-D weights (peak
+    s.muon_lr) with AdamW at s.lr (decay on the embeddings and head) on the rest. Every group's lr is the
+    schedule's value times its lr_scale, so one schedule drives both."""
+    if s.optimizer == "muon":
+        groups = optim.muon_groups(model, muon_lr_scale=s.muon_lr / s.lr, weight_decay=s.weight_decay)
+        return optim.Muon(groups, lr=s.lr, momentum=s.muon_momentum, betas=(s.beta1, s.beta2))
+    return optim.AdamW(optim.weight_decay_groups(model, s.weight_decay), lr=s.lr, betas=(s.beta1, s.beta2))
 
 
 def resumed_settings(ckpt: checkpoint.Checkpoint, overrides: dict) -> RunSettings:

@@ -42,7 +42,7 @@ import numpy as np
 import tinygpt
 from tinygpt import backend, checkpoint, data, distributed, memory, models, optim, rundir, tokenizers
 from tinygpt.parallel import DataParallel, choose_workers
-from tinygpt.settings import RESUMABLE, RunSettings, make_schedule, resumed_settings
+from tinygpt.settings import RESUMABLE, RunSettings, make_optimizer, make_schedule, resumed_settings
 
 __all__ = ["RunSettings", "Trainer", "TrainResult", "TrainingInterrupted", "TrainingDiverged", "estimate_loss",
            "make_schedule", "prepare_data", "RESUMABLE"]
@@ -197,8 +197,7 @@ class Trainer:
         memory.check_fits(config, rows, s.block_size, workers, self.device.name)
         tinygpt.manual_seed(s.seed)
         self.model = models.model_from_config(config, device=self.device)
-        self.optimizer = optim.AdamW(optim.weight_decay_groups(self.model, s.weight_decay), lr=s.lr,
-                                     betas=(s.beta1, s.beta2))
+        self.optimizer = make_optimizer(s, self.model)             # AdamW, or Muon + AdamW (settings.py)
         self.schedule = make_schedule(s)
         self.batch_rng = np.random.default_rng([s.seed, 1])       # training batches only
         self.iter, self.best_val_loss, self.last_eval_iter = 0, None, None
