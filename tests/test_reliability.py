@@ -571,3 +571,55 @@ def test_resume_from_a_header_claiming_a_huge_model_builds_nothing(corpus, tmp_p
                        match=r"does not add up: .*wte.weight has shape \(\d+, 65536\).*\(\d+, 16\)") as e:
         Trainer.resume(tmp_path / "o", progress=False, out=io.StringIO())
     assert "\n" not in str(e.value)
+
+
+def test_a_log_or_plot_that_cannot_be_written_is_handled(corpus, tmp_path, monkeypatch):
+    """The plot is derived: failing to draw it (a full disk) never fails a finished run, and leaves no temp
+    file. Rewriting the log on resume on a full disk keeps the old log and leaves no half copy."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    def full(self, fname, *a, **k):
+        Path(fname).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    r = trainer(corpus, tmp_path / "o", max_iters=2, eval_interval=2).run()
+    assert r.iter == 2 and not (tmp_path / "o" / "loss.png").exists()
+    assert not [n for n in os.listdir(tmp_path / "o") if "tmp" in n]
+    log = tmp_path / "o" / "log.jsonl"
+    log.write_text(log.read_text() + json.dumps({"iter": 50}) + "\n")
+    before = log.read_bytes()
+
+    def no_space(self, *a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", no_space)
+    with pytest.raises(OSError):
+        rundir.prepare_log(log, 2)
+    monkeypatch.undo()
+    assert log.read_bytes() == before and not (tmp_path / "o" / "log.jsonl.tmp").exists()
+
+
+def test_a_tokenizer_that_does_not_match_the_model_is_refused_by_sample_and_resume(corpus, tmp_path, capsys):
+    import struct
+
+    from safetensors.numpy import load_file
+    out = tmp_path / "o"
+    assert main(["train", "--data", str(corpus), "--out-dir", str(out), "--max-iters", "2", "--eval-interval",
+                 "2", *TINY_FLAGS]) == 0
+    for name in (checkpoint.LAST, checkpoint.BEST):          # one character fewer, digest recomputed
+        path = out / name
+        raw = path.read_bytes()
+        n = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8:8 + n])
+        meta = json.loads(header["__metadata__"]["tinygpt"])
+        meta["tokenizer"]["chars"] = meta["tokenizer"]["chars"][:-1]
+        meta["sha256"] = checkpoint._digest(load_file(str(path)), meta)
+        header["__metadata__"]["tinygpt"] = json.dumps(meta)
+        blob = json.dumps(header).encode()
+        blob += b" " * (-len(blob) % 8)
+        path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    capsys.readouterr()
+    assert main(["sample", "--out-dir", str(out), "--max-new-tokens", "5"]) == 2
+    one_line(capsys.readouterr().err, "tokenizer of 13 tokens with a model whose embedding has 14 rows")
+    assert main(["train", "--out-dir", str(out), "--resume", "--max-iters", "4"]) == 2
+    one_line(capsys.readouterr().err, "tokenizer of 13 tokens with a model whose embedding has 14 rows")

@@ -287,8 +287,10 @@ def check_model_config(config: Any, model_state: dict, path: Any = None) -> None
 
 def check_tokenizer(tokenizer: Any, config: dict, path: Any = None) -> None:
     """The tokenizer's ids must be exactly the rows of the model's embedding: CheckpointError if not."""
-    V = config.get("vocab_size") if isinstance(config, dict) else None
-    if tokenizer is not None and tokenizer.vocab_size != V:
+    if tokenizer is None or not isinstance(config, dict) or "vocab_size" not in config:
+        return                                       # nothing to compare (check_model_config judges the rest)
+    V = config["vocab_size"]
+    if tokenizer.vocab_size != V:
         where = f"checkpoint {str(path)!r}" if path is not None else "the checkpoint"
         raise CheckpointError(f"{where} pairs a {tokenizer.kind} tokenizer of {tokenizer.vocab_size} tokens "
                               f"with a model whose embedding has {V} rows; they must agree (the file is "

@@ -228,12 +228,27 @@ def prepare_log(path: Path, upto: int, record: dict | None = None) -> None:
         keep.append(json.dumps(strict_json(record), allow_nan=False) + "\n")
     if keep != lines:
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(keep), encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text("".join(keep), encoding="utf-8")
+            os.replace(tmp, path)
+        finally:                                # a full disk: the old log stays, no half-written copy
+            if tmp.exists():
+                tmp.unlink()
 
 
 def plot_log(log_path: Path, png_path: Path) -> Path | None:
-    """Loss curves from log.jsonl as a PNG, when matplotlib is installed (pip install "tinygpt[plot]")."""
+    """Loss curves from log.jsonl as a PNG, when matplotlib is installed (pip install "tinygpt[plot]").
+    The plot is derived data: if it cannot be drawn or written (a full disk), the run goes on without it."""
+    try:
+        return _plot(log_path, png_path)
+    except Exception:
+        tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+        if tmp.exists():
+            tmp.unlink()
+        return None
+
+
+def _plot(log_path: Path, png_path: Path) -> Path | None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -258,7 +273,9 @@ def plot_log(log_path: Path, png_path: Path) -> Path | None:
     ax.legend()
     ax.grid(alpha=0.3)
     tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     os.replace(tmp, png_path)
     return png_path

@@ -183,11 +183,12 @@ class Trainer:
             saved_tok = tokenizers.from_dict(ckpt.meta["tokenizer"]) if ckpt is not None else None
         except (KeyError, tokenizers.TokenizerError) as e:
             raise checkpoint.CheckpointError(f"checkpoint {str(last)!r} has no usable tokenizer ({e})") from None
+        if ckpt is not None:                        # its ids must be the embedding's rows, before encoding
+            checkpoint.check_tokenizer(saved_tok, ckpt.meta.get("model_config"), last)
         self.tokenizer, self.train_ids, self.val_ids = prepare_data(s, saved_tok)
 
         config = s.model_config(self.tokenizer.vocab_size)
         if ckpt is not None:                        # sizes from the header must be the tensors' (no huge alloc)
-            checkpoint.check_tokenizer(saved_tok, ckpt.meta.get("model_config", config), last)
             checkpoint.check_model_config(config, ckpt.model_state, last)
         n_params = memory.parameter_count(config)
         sized = SimpleNamespace(num_parameters=lambda: n_params)           # the model before it exists
