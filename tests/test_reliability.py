@@ -590,7 +590,9 @@ def test_a_log_or_plot_that_cannot_be_written_is_handled(corpus, tmp_path, monke
     log.write_text(log.read_text() + json.dumps({"iter": 50}) + "\n")
     before = log.read_bytes()
 
-    def no_space(self, *a, **k):
+    def no_space(self, text, *a, **k):                 # writes a few bytes, then the disk is full
+        with open(self, "w") as f:
+            f.write(text[:3])
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(Path, "write_text", no_space)
     with pytest.raises(OSError):
