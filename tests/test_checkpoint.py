@@ -279,3 +279,22 @@ def test_remove_stale_temps_removes_only_checkpoint_temps(tmp_path):
     removed = checkpoint.remove_stale_temps(tmp_path)
     assert len(removed) == 2
     assert sorted(os.listdir(tmp_path)) == ["ckpt_last.safetensors", "keep.tmp", "log.jsonl"]
+
+
+@pytest.mark.parametrize("options", [dict(rope=True), dict(norm="rmsnorm", qk_norm=True, activation="relu2"),
+                                     dict(rope=True, norm="rmsnorm", bias=True, tie_weights=False)])
+def test_every_model_option_round_trips_and_a_bigger_claim_is_still_refused(tmp_path, monkeypatch, options):
+    """The header check knows which tensors each option has (rope: no wpe table)."""
+    m = GPT(GPTConfig(**CFG, **options))
+    path = checkpoint.save(tmp_path / "c.safetensors", m, None, {"iter": 1})
+    m2, _, _ = checkpoint.load_model(path)
+    for (n, a), (_, b) in zip(m.named_parameters(), m2.named_parameters()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=n)
+
+    def edit(meta):
+        meta["model_config"].update(n_embd=1 << 20, n_head=1)
+        rehash(meta, path)
+    rewrite_meta(path, edit)
+    monkeypatch.setattr(models, "model_from_config", never_called)
+    with pytest.raises(CheckpointError, match="does not add up"):
+        checkpoint.load_model(path)

@@ -207,10 +207,11 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(c
 # ---- 1. memory: estimated before allocating ----------------------------------------------------------------
 def test_parameter_count_is_the_built_models():
     import itertools
-    for V, C, L, bias, qkv, tie in itertools.product([11, 65], [16, 48], [1, 3], [True, False],
-                                                     [None, True, False], [True, False]):
+    for V, C, L, bias, qkv, tie, norm, rope in itertools.product(
+            [11, 65], [16, 48], [1, 3], [True, False], [None, True, False], [True, False],
+            ["layernorm", "rmsnorm"], [False, True]):
         cfg = dict(model="gpt", vocab_size=V, block_size=8, n_layer=L, n_head=4, n_embd=C, bias=bias,
-                   qkv_bias=qkv, tie_weights=tie)
+                   qkv_bias=qkv, tie_weights=tie, norm=norm, rope=rope, qk_norm=rope, activation="relu2")
         assert memory.parameter_count(cfg) == models.model_from_config(cfg).num_parameters(), cfg
     assert memory.parameter_count({"model": "bigram", "vocab_size": 7}) == 49
 
@@ -219,6 +220,8 @@ def test_parameter_count_is_the_built_models():
     (dict(model="gpt", vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False), 12, 64),
     (dict(model="gpt", vocab_size=65, block_size=128, n_layer=2, n_head=8, n_embd=32), 4, 128),
     (dict(model="gpt", vocab_size=65, block_size=8, n_layer=1, n_head=8, n_embd=384), 2, 8),
+    (dict(model="gpt", vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=256, bias=False, norm="rmsnorm",
+          rope=True, qk_norm=True, activation="relu2"), 8, 32),
     (dict(model="bigram", vocab_size=300), 32, 64)])
 def test_training_bytes_is_a_lower_bound_of_the_measured_peak(cfg, B, T):
     """tracemalloc sees every NumPy allocation: the peak of building the model and AdamW and running two

@@ -266,7 +266,9 @@ def check_model_config(config: Any, model_state: dict, path: Any = None) -> None
             expect = {"token_embedding_table.weight": (V, V)}
         elif kind == "gpt":
             V, C, T, L = (int(config[k]) for k in ("vocab_size", "n_embd", "block_size", "n_layer"))
-            expect = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (T, C)}
+            expect = {"transformer.wte.weight": (V, C)}
+            if not config.get("rope", False):                    # rope: positions in q, k, no wpe table
+                expect["transformer.wpe.weight"] = (T, C)
         else:
             return                                               # model_from_config names the problem
     except (KeyError, TypeError, ValueError) as e:

@@ -80,10 +80,11 @@ def parameter_count(config: dict) -> int:
     bias = bool(config.get("bias", True))
     qkv_bias = bias if config.get("qkv_bias") is None else bool(config["qkv_bias"])
     tie = bool(config.get("tie_weights", True))
-    ln = C * (2 if bias else 1)
+    ln = C * (2 if bias and config.get("norm", "layernorm") == "layernorm" else 1)    # RMSNorm: no bias
     block = 2 * ln + 12 * C * C + (3 * C if qkv_bias else 0) + ((C + 4 * C + C) if bias else 0)
     head = 0 if tie else V * C + (V if bias else 0)
-    return V * C + T * C + L * block + ln + head
+    wpe = 0 if config.get("rope", False) else T * C                                  # rope: no table
+    return V * C + wpe + L * block + ln + head
 
 
 def training_bytes(config: dict, batch_size: int, block_size: int, workers: int = 1) -> dict[str, int]:
