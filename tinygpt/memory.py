@@ -6,6 +6,7 @@ The bound (float32, 4 bytes a number; N parameters, B·T tokens a micro-batch, L
 H heads, V vocabulary):
 
     weights 4N + AdamW's two moments 8N                          = 12 N bytes, all the time
+      (other optimizers: 4N for at least one buffer, e.g. Muon's momentum, instead of 8N)
     + the larger of: all gradients 4N (at the optimizer step), or the activations kept for the
       backward, at least 4 · B·T · (L · (16 C + H·T) + 2 V) (GPT; bigram: 4 · B·T · 2 V) at the end
       of the forward (the backward frees them as the gradients appear)
@@ -87,7 +88,8 @@ def parameter_count(config: dict) -> int:
     return V * C + wpe + L * block + ln + head
 
 
-def training_bytes(config: dict, batch_size: int, block_size: int, workers: int = 1) -> dict[str, int]:
+def training_bytes(config: dict, batch_size: int, block_size: int, workers: int = 1,
+                   optimizer: str = "adamw") -> dict[str, int]:
     """The lower bound of the module docstring, in parts: weights, gradients, optimizer, workers,
     activations, and their total."""
     N, V = parameter_count(config), int(config["vocab_size"])
@@ -97,7 +99,7 @@ def training_bytes(config: dict, batch_size: int, block_size: int, workers: int 
     else:
         C, H, L = int(config["n_embd"]), int(config["n_head"]), int(config["n_layer"])
         per_token = L * (16 * C + H * int(block_size)) + 2 * V
-    parts = {"weights": 4 * N, "gradients": 4 * N, "optimizer": 8 * N,
+    parts = {"weights": 4 * N, "gradients": 4 * N, "optimizer": (8 if optimizer == "adamw" else 4) * N,
              "workers": 4 * N * max(int(workers) - 1, 0), "activations": 4 * tokens * per_token}
     parts["total"] = (parts["weights"] + parts["optimizer"] + max(parts["gradients"], parts["activations"])
                       + parts["workers"])
@@ -105,17 +107,17 @@ def training_bytes(config: dict, batch_size: int, block_size: int, workers: int 
 
 
 def check_fits(config: dict, batch_size: int, block_size: int, workers: int = 1, device: str = "cpu",
-               available: int | None = None) -> None:
+               available: int | None = None, optimizer: str = "adamw") -> None:
     """InsufficientMemoryError (one line, with the numbers) when the run cannot fit in `available` bytes
     (default: available_bytes()); on a device other than the CPU only the host copy of the weights counts."""
     available = available_bytes() if available is None else available
     if available is None:
         return
-    parts = training_bytes(config, batch_size, block_size, workers)
+    parts = training_bytes(config, batch_size, block_size, workers, optimizer)
     need = parts["total"] if device == "cpu" else parts["weights"]
     if need <= available:
         return
-    what = (f"weights and AdamW state {(parts['weights'] + parts['optimizer']) / _GiB:.2f} GiB, gradients "
+    what = (f"weights and optimizer state {(parts['weights'] + parts['optimizer']) / _GiB:.2f} GiB, gradients "
             f"{parts['gradients'] / _GiB:.2f} GiB, activations for batch {batch_size} x block {block_size} "
             f"{parts['activations'] / _GiB:.2f} GiB, worker gradients {parts['workers'] / _GiB:.2f} GiB"
             if device == "cpu" else "the weights, built on the host first")

@@ -195,7 +195,7 @@ class Trainer:
         cpu_alone = self.device.name == "cpu" and self.world.world_size == 1     # under MPI nothing forks
         workers = choose_workers(s.workers, sized, s.batch_size * s.block_size) if cpu_alone else 1
         rows = -(-s.batch_size // self.world.world_size)                        # this rank's share of a batch
-        memory.check_fits(config, rows, s.block_size, workers, self.device.name)
+        memory.check_fits(config, rows, s.block_size, workers, self.device.name, optimizer=s.optimizer)
         tinygpt.manual_seed(s.seed)
         self.model = models.model_from_config(config, device=self.device)
         self.optimizer = make_optimizer(s, self.model)             # AdamW, or Muon + AdamW (settings.py)
