@@ -402,3 +402,33 @@ def test_ctrl_c_on_mpiexec_saves_once_and_resumes(tmp_path, corpus):
                                     "--workers", "1", "--no-progress"), tmp_path)
     assert rc == 0, err
     assert checkpoint.load(checkpoint.checkpoint_path(out_dir, "last")).meta["iter"] == k + 2
+
+
+def test_each_rank_picks_its_gpu_before_the_cuda_check(monkeypatch):
+    """A rank on GPU local_rank % count, chosen before backend's CUDA check opens a context anywhere."""
+    events = []
+
+    class FakeCuda:
+        class runtime:
+            @staticmethod
+            def getDeviceCount():
+                return 2
+
+        class Device:
+            def __init__(self, index):
+                self.index = index
+
+            def use(self):
+                events.append(("use", self.index))
+
+    fake = type("FakeCupy", (), {"cuda": FakeCuda})
+    monkeypatch.setattr(backend, "_cupy", fake)
+    monkeypatch.setattr(backend, "cuda_problem", lambda: events.append(("check",)) or "no GPU here")
+    monkeypatch.setattr(distributed, "launched", lambda: False)
+    world = distributed.World()
+    world.local_rank, world.world_size = 3, 2
+    monkeypatch.setattr(distributed, "_world", world)
+    with pytest.raises(backend.CudaUnavailableError, match="no GPU here"):
+        distributed.init("cuda")
+    assert events == [("use", 1), ("check",)]              # GPU 3 % 2 first, the check after
+    assert world.use_gpu() == 1 and events.count(("use", 1)) == 1

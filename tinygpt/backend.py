@@ -161,6 +161,24 @@ def _probe_cuda(cp: Any) -> "str | None":
     return None
 
 
+def use_gpu(local_rank: int) -> int:
+    """Make GPU local_rank (mod the GPUs CuPy sees) this process's, before the CUDA check and before any
+    allocation, so each rank of a multi-GPU job opens a context on its own GPU only. Returns its index."""
+    cp = _import_cupy()
+    if cp is None:
+        raise CudaUnavailableError(f"device 'cuda' needs CuPy, which is not available ({_cupy_error}); {_INSTALL}")
+    try:
+        n = int(cp.cuda.runtime.getDeviceCount())
+    except Exception as e:
+        raise CudaUnavailableError(f"device 'cuda' needs an NVIDIA GPU, but CuPy found none ({_one_line(e)}); "
+                                   "use device 'cpu'") from None
+    if n == 0:
+        raise CudaUnavailableError("device 'cuda' needs an NVIDIA GPU, but CuPy found none; use device 'cpu'")
+    index = int(local_rank) % n
+    cp.cuda.Device(index).use()
+    return index
+
+
 def _cuda_device() -> Device:
     problem = cuda_problem()
     if problem is not None:

@@ -147,10 +147,13 @@ class World:
         self.comm.Abort(code)
 
     def use_gpu(self, runtime: Any = None) -> int:
-        """Make GPU local_rank (mod the count) this process's, once, before any allocation; its index."""
+        """Make GPU local_rank (mod the count) this process's, once, before the CUDA check and any allocation
+        (else every rank would open a context on GPU 0 first); its index. `runtime`: a stand-in (tests)."""
         if runtime is None:
-            from tinygpt.cuda.nccl import Runtime
-            runtime = Runtime()
+            if not self._gpu_chosen:
+                self._gpu_index = backend.use_gpu(self.local_rank)
+                self._gpu_chosen = True
+            return self._gpu_index
         index = self.local_rank % max(runtime.device_count(), 1)
         if not self._gpu_chosen:
             runtime.use_device(index)
@@ -180,8 +183,10 @@ def init(device: Any = None) -> World:
                                        f"see the README's 'Scale out' section") from None
             _world = World(MPI.COMM_WORLD, MPI, timeout)
             sys.excepthook = _abort_hook
-    if device is not None and backend.get_device(device).name == "cuda" and _world.world_size > 1:
-        _world.use_gpu()
+    name = getattr(device, "name", device)
+    if name is not None and str(name).split(":")[0] == "cuda" and _world.world_size > 1:
+        _world.use_gpu()                    # before get_device("cuda") runs the CUDA check on some GPU
+        backend.get_device("cuda")
     return _world
 
 
