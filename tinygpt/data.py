@@ -7,24 +7,24 @@ The pipeline, as in "Let's build GPT"::
     train, val = train_val_split(ids, 0.9)
     x, y = get_batch(train, batch_size=4, block_size=8, rng=rng)  # (B, T) each
 
-We never feed the whole text at once. ``get_batch`` cuts ``B`` random
-windows of ``T + 1`` tokens; ``x = window[:-1]`` and ``y = window[1:]``, so
-``y[b, t]`` is the token that follows ``x[b, :t + 1]``. One ``(B, T)`` batch
-therefore holds ``B * T`` training examples, one for every context length
-from 1 to ``T``.
+We never feed the whole text at once. `get_batch` cuts `B` random
+windows of `T + 1` tokens; `x = window[:-1]` and `y = window[1:]`, so
+`y[b, t]` is the token that follows `x[b, :t + 1]`. One `(B, T)` batch
+therefore holds `B * T` training examples, one for every context length
+from 1 to `T`.
 
-Corpora (``load_text(source)``):
+Corpora (`load_text(source)`):
 
-* a path to a UTF-8 ``.txt`` file, or to a folder of ``.txt`` files;
-* ``"shakespeare"`` -- Tiny Shakespeare (1,115,394 characters, 65 symbols),
-  shipped inside the package (``tinygpt/corpora/tinyshakespeare.txt.gz``) and
+* a path to a UTF-8 `.txt` file, or to a folder of `.txt` files;
+* `"shakespeare"` -- Tiny Shakespeare (1,115,394 characters, 65 symbols),
+  shipped inside the package (`tinygpt/corpora/tinyshakespeare.txt.gz`) and
   checked by sha256 on every load: offline, nothing written
-  (:func:`shakespeare_text`);
-* ``"shakespeare-download"`` -- the same text, downloaded once into the cache
-  (``$TINYGPT_CACHE``, default ``~/.cache/tinygpt``) and checked by sha256;
-* ``"python-stdlib"`` -- the running interpreter's own standard-library
+  (`shakespeare_text`);
+* `"shakespeare-download"` -- the same text, downloaded once into the cache
+  (`$TINYGPT_CACHE`, default `~/.cache/tinygpt`) and checked by sha256;
+* `"python-stdlib"` -- the running interpreter's own standard-library
   sources, in a fixed order, capped at ~4 MB;
-* ``None`` -- the default, ``"shakespeare"``.
+* `None` -- the default, `"shakespeare"`.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def _one_line(e: BaseException) -> str:
 def shakespeare_text() -> str:
     """Tiny Shakespeare (1,115,394 characters, 65 symbols) from the gzip copy
     inside the package: no network, no cache. The decompressed bytes must
-    match :data:`SHAKESPEARE_SHA256`, so a damaged install is a
-    :class:`DataError`, never a silently different corpus."""
+    match `SHAKESPEARE_SHA256`, so a damaged install is a
+    `DataError`, never a silently different corpus."""
     path = SHAKESPEARE_PACKAGED
     advice = "reinstall tinygpt, or use --data shakespeare-download"
     try:
@@ -91,8 +91,8 @@ def shakespeare_text() -> str:
 # ---- Cache and downloads ---------------------------------------------------
 
 def cache_dir(cache: str | Path | None = None) -> Path:
-    """The cache folder: ``cache`` if given, else ``$TINYGPT_CACHE``, else
-    ``~/.cache/tinygpt``. It is created on demand by the writers."""
+    """The cache folder: `cache` if given, else `$TINYGPT_CACHE`, else
+    `~/.cache/tinygpt`. It is created on demand by the writers."""
     if cache is not None:
         return Path(cache)
     env = os.environ.get("TINYGPT_CACHE", "").strip()
@@ -118,12 +118,12 @@ def cached_shakespeare(cache: str | Path | None = None) -> Path | None:
 def download_shakespeare(url: str | None = None, *, timeout: float = DOWNLOAD_TIMEOUT,
                          cache: str | Path | None = None) -> Path:
     """Return the cached Tiny Shakespeare file, downloading it if needed (the
-    ``"shakespeare-download"`` corpus; ``"shakespeare"`` needs no network).
+    `"shakespeare-download"` corpus; `"shakespeare"` needs no network).
 
-    The URL is ``url``, else ``$TINYGPT_SHAKESPEARE_URL``, else
-    :data:`SHAKESPEARE_URL` (``file://`` URLs work too). Bytes stream into a
+    The URL is `url`, else `$TINYGPT_SHAKESPEARE_URL`, else
+    `SHAKESPEARE_URL` (`file://` URLs work too). Bytes stream into a
     temporary file in the cache folder; only after the sha256 matches is it
-    renamed into place (``os.replace`` is atomic), so a failed or corrupted
+    renamed into place (`os.replace` is atomic), so a failed or corrupted
     download never leaves a partial file behind.
     """
     found = cached_shakespeare(cache)
@@ -161,12 +161,12 @@ def download_shakespeare(url: str | None = None, *, timeout: float = DOWNLOAD_TI
 
 
 def build_stdlib_corpus(max_bytes: int = STDLIB_MAX_BYTES) -> str:
-    """Concatenate this interpreter's standard-library ``.py`` sources.
+    """Concatenate this interpreter's standard-library `.py` sources.
 
-    Deterministic: a sorted walk of ``sysconfig.get_paths()["stdlib"]`` that
+    Deterministic: a sorted walk of `sysconfig.get_paths()["stdlib"]` that
     skips test folders and site-packages, keeps files that decode as UTF-8,
-    puts a ``# ---- path ----`` header before each, and stops before the first
-    file that would take the total past ``max_bytes`` UTF-8 bytes.
+    puts a `# ---- path ----` header before each, and stops before the first
+    file that would take the total past `max_bytes` UTF-8 bytes.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
     parts, total = [], 0
@@ -195,8 +195,8 @@ def build_stdlib_corpus(max_bytes: int = STDLIB_MAX_BYTES) -> str:
 
 
 def _write_atomic(path: Path, data, write=None, suffix: str = ".part") -> None:
-    """Write ``data`` (bytes, or anything ``write(file, data)`` takes) to a temporary file beside
-    ``path``, then rename it into place: readers see the old file or the new one, never half of one."""
+    """Write `data` (bytes, or anything `write(file, data)` takes) to a temporary file beside
+    `path`, then rename it into place: readers see the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=suffix)
     try:
@@ -227,8 +227,8 @@ def stdlib_corpus_path(cache: str | Path | None = None,
 # ---- Choosing and reading a corpus -----------------------------------------
 
 def resolve_source(source: str | Path | None = None) -> str | Path:
-    """``source`` unchanged, or :data:`DEFAULT_SOURCE` (the packaged Tiny
-    Shakespeare) for ``None``."""
+    """`source` unchanged, or `DEFAULT_SOURCE` (the packaged Tiny
+    Shakespeare) for `None`."""
     return DEFAULT_SOURCE if source is None else source
 
 
@@ -246,13 +246,13 @@ def _read_txt(path: Path) -> str:
 
 def load_text(source: str | Path | None = None, *, cache: str | Path | None = None,
               timeout: float = DOWNLOAD_TIMEOUT) -> str:
-    """Read a corpus into one ``str``.
+    """Read a corpus into one `str`.
 
-    ``source``: one of :data:`NAMED_SOURCES`, a ``.txt`` path, a folder (all
-    ``*.txt`` inside it, recursively, in sorted path order, each ending with a
-    newline), or ``None`` for the default corpus. A named corpus wins over a
-    same-named path; write ``./shakespeare`` to mean the folder. ``timeout``
-    only applies to ``"shakespeare-download"``.
+    `source`: one of `NAMED_SOURCES`, a `.txt` path, a folder (all
+    `*.txt` inside it, recursively, in sorted path order, each ending with a
+    newline), or `None` for the default corpus. A named corpus wins over a
+    same-named path; write `./shakespeare` to mean the folder. `timeout`
+    only applies to `"shakespeare-download"`.
     """
     source = resolve_source(source)
     if source == "shakespeare":
@@ -288,13 +288,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def encode_cached(text: str, tokenizer, *, name: str = "corpus",
                   cache: str | Path | None = None) -> np.ndarray:
-    """``tokenizer.encode(text)`` as a read-only, memory-mapped 1-D array.
+    """`tokenizer.encode(text)` as a read-only, memory-mapped 1-D array.
 
-    The ids live in ``<cache>/tokens/<name>-<key>.npy`` with
-    ``key = sha256(sha256(text) : tokenizer.fingerprint)``, stored as uint16
+    The ids live in `<cache>/tokens/<name>-<key>.npy` with
+    `key = sha256(sha256(text) : tokenizer.fingerprint)`, stored as uint16
     (uint32 for vocabularies over 65536). The second call, or the next run,
     just maps the file: nothing is re-encoded and the ids need not fit in RAM
-    (nanoGPT's ``train.bin`` idea). ``name`` only makes the file name readable.
+    (nanoGPT's `train.bin` idea). `name` only makes the file name readable.
     The cache heals: a file that does not load, has the wrong size, dtype or
     shape, or holds an id outside the vocabulary is encoded again and replaced;
     a cache that cannot be written (read-only, full) gives the ids from memory.
@@ -323,7 +323,7 @@ def encode_cached(text: str, tokenizer, *, name: str = "corpus",
 
 
 def _load_cached_ids(path: Path, dtype: np.dtype, vocab_size: int) -> np.ndarray | None:
-    """The memory-mapped ids in ``path``, or None if the file is damaged in any way we can see."""
+    """The memory-mapped ids in `path`, or None if the file is damaged in any way we can see."""
     try:
         ids = np.load(path, mmap_mode="r")
         ok = (isinstance(ids, np.memmap) and ids.ndim == 1 and ids.dtype == dtype and ids.size > 0
@@ -345,7 +345,7 @@ def _remove_old_temps(folder: Path, age_s: float = 3600.0) -> None:
 
 
 def train_val_split(ids, train_fraction: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
-    """First ``int(n * train_fraction)`` ids for training, the rest for
+    """First `int(n * train_fraction)` ids for training, the rest for
     validation. No shuffling: the val set is a later, unseen stretch of text.
     Returns views (no copy), so memory-mapped ids stay memory-mapped."""
     if not 0.0 < train_fraction < 1.0:
@@ -370,25 +370,15 @@ def _check_positive_int(name: str, value) -> int:
 
 def get_batch(data, batch_size: int, block_size: int, rng: np.random.Generator,
               device=None):
-    """Sample a batch of next-token examples.
+    """(x, y), int64 Tensors of shape (B, T): B windows of T + 1 tokens from `data` (1-D ids, length N),
+    x[b] = data[s_b : s_b + T], y[b] = data[s_b + 1 : s_b + T + 1], each start s_b uniform over the N - T
+    valid starts. `rng` (a numpy.random.Generator) makes it repeatable; `device`: "cpu", "cuda", or None
+    for $TINYGPT_DEVICE, else "cpu".
 
-    Args:
-        data: 1-D integer array of token ids, length N (a memmap is fine).
-        batch_size: B, number of independent windows.
-        block_size: T, context length.
-        rng: a ``numpy.random.Generator``; the same seed gives the same batch.
-        device: where the tensors live: "cpu", "cuda", or None for the default
-            device (``$TINYGPT_DEVICE``, else "cpu").
-
-    Returns:
-        ``x, y``: int64 Tensors of shape ``(B, T)`` with
-        ``x[b] = data[s_b : s_b + T]`` and ``y[b] = data[s_b + 1 : s_b + T + 1]``,
-        each start ``s_b`` uniform over all ``N - T`` valid starts ``0 .. N-T-1``.
-
-    The ``(B, T + 1)`` windows are gathered with one fancy index on the host,
-    moved to the device in one copy, and ``x`` / ``y`` are views of that copy.
+    The `(B, T + 1)` windows are gathered with one fancy index on the host,
+    moved to the device in one copy, and `x` / `y` are views of that copy.
     On CUDA the copy is asynchronous, from a pinned staging buffer
-    (``backend.upload``): the host does not wait for the GPU.
+    (`backend.upload`): the host does not wait for the GPU.
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), "
