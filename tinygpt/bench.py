@@ -4,6 +4,8 @@
     tinygpt bench --preset video --batch-size 8 --json
     tinygpt bench --preset cpu --memory-trace 1000        # RSS over 1,000 steps (is it flat?)
     tinygpt bench --generate                              # KV-cached vs uncached sampling
+    tinygpt bench --plain                                 # a learner's own loop: one process, no DataParallel
+    tinygpt bench --op-overhead                           # µs per small op (16x16 add), vs torch and NumPy
 
 A step is forward, backward, gradient clipping at 1.0 and AdamW (decay on 2-D weights), on a fixed
 random batch. The two frameworks run in alternating rounds, so a noisy machine slows both alike; each
@@ -14,10 +16,20 @@ process's peak RSS on the CPU (measured in a child process each). On CUDA it is 
 framework's arrays held at once over two extra steps: CuPy's pool in use (not cached), read by a memory hook
 at every allocation (backend.peak_device_bytes), and torch's max_memory_allocated after
 reset_peak_memory_stats; the matmul-rate probe's 512 MiB is freed before either.
+
+--plain times the loop a learner writes: `_, loss = model(x, y)`, `opt.zero_grad()`, `loss.backward()`,
+`opt.step()` with a plain AdamW, in this one process (no DataParallel, no clipping), at the preset's size
+with the lecture's choices (ReLU, biases, an untied head); both frameworks get the same threads (BLAS through
+threadpoolctl, torch.set_num_threads). `--workers 1` is close to it but not the same: it keeps the clipping
+and the decay groups of `tinygpt train`, on the preset's GELU/tied model. Every race also reports the ratio
+of each round (the rounds alternate which framework goes first): its median and range, which a loaded
+machine biases less than it does the medians of the steps.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -32,7 +44,7 @@ from typing import Any, Callable
 import numpy as np
 
 import tinygpt
-from tinygpt import backend, optim
+from tinygpt import backend, cpu_kernels, optim
 from tinygpt.models import GPT, GPTConfig
 from tinygpt.presets import get_preset
 from tinygpt.parallel import DataParallel
@@ -60,6 +72,12 @@ class BenchSettings:
                                 metavar="N")
     generate: bool = setting(False, "instead: tokens/s of generate() with and without the KV cache",
                              switch=True)
+    plain: bool = setting(False, "the plain loop of a learner's script: model(x, y), zero_grad, backward, "
+                                 "AdamW.step in this one process (no DataParallel, no clipping), ReLU, "
+                                 "biases, untied head", switch=True)
+    op_overhead: bool = setting(False, "instead: microseconds per small op (a + b on two 16x16 tensors "
+                                       "with grad, forward and forward + backward) against torch and NumPy",
+                                switch=True)
     json: bool = setting(False, "print one JSON object", switch=True)
 
     def __post_init__(self) -> None:
@@ -79,6 +97,11 @@ def model_config(preset: str) -> GPTConfig:
     d = get_preset(preset).model_config(65)
     d.pop("model")
     return GPTConfig(**d)
+
+
+def plain_config(preset: str) -> GPTConfig:
+    """The preset's shape with the lecture's choices (--plain): ReLU, biases, an untied head."""
+    return dataclasses.replace(model_config(preset), activation="relu", bias=True, tie_weights=False)
 
 
 def flops_per_step(config: GPTConfig, batch_size: int) -> float:
@@ -111,10 +134,10 @@ def _sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def _setup(preset: str, batch_size: int, device: str, workers: int | None = None) -> tuple:
+def _setup(preset: str, batch_size: int, device: str, workers: int | None = None, plain: bool = False) -> tuple:
     """Our model, optimizer and batch, plus everything torch needs to mirror them."""
     backend.tune_allocator()                                      # as the trainer does
-    config = model_config(preset)
+    config = plain_config(preset) if plain else model_config(preset)
     p = get_preset(preset)
     tinygpt.manual_seed(0)
     model = GPT(config, device=device)
@@ -123,9 +146,20 @@ def _setup(preset: str, batch_size: int, device: str, workers: int | None = None
     idx = rng.integers(0, config.vocab_size, (batch_size, config.block_size))
     tgt = rng.integers(0, config.vocab_size, (batch_size, config.block_size))
     hyper = dict(lr=p.lr, weight_decay=p.weight_decay, betas=(p.beta1, p.beta2))
-    opt = optim.AdamW(optim.weight_decay_groups(model, p.weight_decay), lr=p.lr, betas=hyper["betas"])
     x = tinygpt.tensor(idx, device=device)
     y = tinygpt.tensor(tgt, device=device)
+    if plain:                                       # the loop of a learner's script, as it is written
+        opt = optim.AdamW(model.parameters(), **hyper)
+
+        def plain_step():
+            _, loss = model(x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return loss
+
+        return config, model, plain_step, (idx, tgt), hyper
+    opt = optim.AdamW(optim.weight_decay_groups(model, p.weight_decay), lr=p.lr, betas=hyper["betas"])
     dp = DataParallel(model, workers) if device == "cpu" else None
 
     def step():
@@ -142,12 +176,32 @@ def _setup(preset: str, batch_size: int, device: str, workers: int | None = None
     return config, model, step, (idx, tgt), hyper
 
 
-def _torch_step(config, model, batch, hyper, device) -> Callable:
+def _torch_step(config, model, batch, hyper, device, plain: bool = False) -> Callable:
     """torch's training step on a copy of `model` (same weights, same batch, same AdamW settings)."""
     from tinygpt import bench_torch
     tmodel = bench_torch.build(config, model.state_dict(), device)
     tmodel.train()
-    return bench_torch.make_step(tmodel, *batch, **hyper)
+    return bench_torch.make_step(tmodel, *batch, **hyper, plain=plain)
+
+
+def _same_threads(n: int):
+    """A `with` block in which tinygpt's BLAS and kernels and torch's intra-op pool all use n threads."""
+    stack = contextlib.ExitStack()
+    try:
+        from threadpoolctl import threadpool_limits
+        stack.enter_context(threadpool_limits(limits=n, user_api="blas"))
+    except ImportError:
+        pass
+    old = cpu_kernels.set_num_threads(n)
+    stack.callback(cpu_kernels.set_num_threads, old)
+    try:
+        import torch
+        old_torch = torch.get_num_threads()
+        torch.set_num_threads(n)
+        stack.callback(torch.set_num_threads, old_torch)
+    except ImportError:
+        pass
+    return stack
 
 
 def _timed(step: Callable, n: int, sync: Callable[[], None]) -> list:
@@ -198,10 +252,11 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024    # Linux reports KiB
 
 
-def _child_peak_rss(framework: str, preset: str, batch_size: int, device: str) -> float | None:
+def _child_peak_rss(framework: str, preset: str, batch_size: int, device: str,
+                    plain: bool = False) -> float | None:
     """Peak RSS of a fresh process that does 5 training steps with `framework` alone."""
     cmd = [sys.executable, "-m", "tinygpt.bench", "--_child", framework, "--preset", preset,
-           "--batch-size", str(batch_size), "--device", device]
+           "--batch-size", str(batch_size), "--device", device] + (["--plain"] if plain else [])
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if res.returncode != 0:
         return None
@@ -211,9 +266,10 @@ def _child_peak_rss(framework: str, preset: str, batch_size: int, device: str) -
 def _child(args: argparse.Namespace) -> int:
     """The peak-RSS child process: 5 steps of one framework, then {"peak_rss_mb": ...} on stdout."""
     workers = 1 if args._child == "torch" else args.workers       # torch's process: no idle worker in it
-    config, model, step, batch, hyper = _setup(args.preset, args.batch_size, args.device, workers)
+    plain = getattr(args, "plain", False)
+    config, model, step, batch, hyper = _setup(args.preset, args.batch_size, args.device, workers, plain)
     if args._child == "torch":
-        step = _torch_step(config, model, batch, hyper, args.device)
+        step = _torch_step(config, model, batch, hyper, args.device, plain)
         del model
     for _ in range(5):
         step()
@@ -277,9 +333,21 @@ def run(args: argparse.Namespace) -> int:
         return _report(_memory_trace(args, batch_size, device), args.json)
     if getattr(args, "generate", False):
         return _report(_generate(args, device), args.json)
+    if getattr(args, "op_overhead", False):
+        return _report(_op_overhead(args), args.json)
+    plain = getattr(args, "plain", False)
+    if plain and device == "cpu":                 # one process: both frameworks get the same threads
+        threads = cpu_kernels.num_cores()
+        with _same_threads(threads):
+            return _race(args, preset, batch_size, steps, device, plain, str(threads))
+    return _race(args, preset, batch_size, steps, device, plain,
+                 os.environ.get("TINYGPT_NUM_THREADS") or "auto")
 
+
+def _race(args, preset: str, batch_size: int, steps: int, device: str, plain: bool, threads: str) -> int:
+    """Time tinygpt's training step against torch's in alternating rounds and report (run's main mode)."""
     peak = matmul_peak_gflops(device)       # before _setup: data parallelism makes BLAS single-threaded
-    config, model, step, batch, hyper = _setup(preset, batch_size, device, getattr(args, "workers", None))
+    config, model, step, batch, hyper = _setup(preset, batch_size, device, getattr(args, "workers", None), plain)
     sync = lambda: backend.synchronize(device)                    # noqa: E731
     racers: dict[str, Callable] = {"tinygpt": step}
     torch_version, torch_sync = None, sync
@@ -287,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             from tinygpt import bench_torch
             torch_version = bench_torch.version()                 # ImportError without torch
-            racers["torch"] = _torch_step(config, model, batch, hyper, device)
+            racers["torch"] = _torch_step(config, model, batch, hyper, device, plain)
             torch_sync = lambda: bench_torch.synchronize(device)  # noqa: E731
         except ImportError:
             pass
@@ -297,24 +365,33 @@ def run(args: argparse.Namespace) -> int:
         losses[name] = float(loss.item())
         s()
     times: dict[str, list] = {name: [] for name in racers}
+    round_ratios = []                                             # torch's median step / tinygpt's, per round
     rounds = max(1, min(args.rounds, steps))
     per_round = -(-steps // rounds)
-    for _ in range(rounds):
-        for name, s in racers.items():
-            times[name] += _timed(s, per_round, sync if name == "tinygpt" else torch_sync)
+    for r in range(rounds):
+        order = list(racers) if r % 2 == 0 else list(racers)[::-1]    # who goes first alternates
+        this_round = {}
+        for name in order:
+            this_round[name] = _timed(racers[name], per_round, sync if name == "tinygpt" else torch_sync)
+            times[name] += this_round[name]
+        if "torch" in this_round:
+            round_ratios.append(statistics.median(this_round["torch"]) / statistics.median(this_round["tinygpt"]))
     tokens = batch_size * config.block_size
     flops = flops_per_step(config, batch_size)
     result: dict[str, Any] = {
-        "preset": preset, "device": device, "batch_size": batch_size, "block_size": config.block_size,
-        "n_params": model.num_parameters(), "steps": len(times["tinygpt"]), "rounds": rounds,
-        "threads": os.environ.get("TINYGPT_NUM_THREADS") or "auto", "matmul_peak_gflops": round(peak, 1),
+        "mode": "plain" if plain else "train", "preset": preset, "device": device, "batch_size": batch_size,
+        "block_size": config.block_size, "n_params": model.num_parameters(), "steps": len(times["tinygpt"]),
+        "rounds": rounds, "threads": threads, "matmul_peak_gflops": round(peak, 1),
         "torch": torch_version, "first_loss": {k: round(v, 5) for k, v in losses.items()}}
+    if plain:
+        result["model"] = "relu, biases, untied head; plain AdamW, no clipping, no DataParallel"
     ms_of = {name: statistics.median(ts) * 1000 for name, ts in times.items()}
     for name, ms in ms_of.items():                    # significant digits: a fast step keeps its precision
         result[name] = {"ms_per_step": _sig(ms), "tokens_per_s": round(tokens / ms * 1000, 1),
                         "gflops": _sig(flops / ms / 1e6), "mfu": _sig(flops / ms / 1e6 / peak, 3)}
     if "torch" in times:
         result["speed_ratio_vs_torch"] = _sig(ms_of["torch"] / ms_of["tinygpt"])
+        result["round_ratios"] = _spread(round_ratios)
     if device == "cuda":                              # two more steps each, under the peak trackers
         two_steps = lambda s: lambda: [s() for _ in range(2)]                  # noqa: E731
         result["tinygpt"]["peak_mem_mb"] = round(backend.peak_device_bytes(two_steps(step), device) / 2 ** 20, 1)
@@ -324,9 +401,72 @@ def run(args: argparse.Namespace) -> int:
                 bench_torch.peak_memory_bytes(device, two_steps(racers["torch"])) / 2 ** 20, 1)
     elif not getattr(args, "no_memory", False):
         for name in times:
-            rss = _child_peak_rss(name, preset, batch_size, device)
+            rss = _child_peak_rss(name, preset, batch_size, device, plain)
             result[name]["peak_rss_mb"] = None if rss is None else round(rss, 1)
     return _report(result, args.json)
+
+
+def _spread(xs: list) -> dict:
+    """{"median", "min", "max"} of xs (4 significant digits each)."""
+    return {"median": _sig(statistics.median(xs)), "min": _sig(min(xs)), "max": _sig(max(xs))}
+
+
+def _op_overhead(args, calls: int = 2000) -> dict:
+    """Microseconds per call of one small op: c = a + b with a, b 16x16 float32 tensors that require grad,
+    forward alone, and forward + c.backward(g) with the grads set to None first (as zero_grad does). Against
+    torch (when installed) and a bare NumPy a + b. Rounds interleave the frameworks (`calls` calls each, timed
+    as one block); medians and ranges of the per-call times over the rounds."""
+    rng = np.random.default_rng(0)
+    an, bn = (rng.standard_normal((16, 16), dtype=np.float32) for _ in range(2))
+    gn = np.ones((16, 16), dtype=np.float32)
+    a, b = (tinygpt.tensor(v, requires_grad=True) for v in (an, bn))
+    g = tinygpt.tensor(gn)
+
+    def tg_fb():
+        a.grad = b.grad = None
+        (a + b).backward(g)
+
+    cases: dict[str, Callable] = {"numpy_forward": lambda: an + bn, "tinygpt_forward": lambda: a + b,
+                                  "tinygpt_forward_backward": tg_fb}
+    torch_version = None
+    if not getattr(args, "no_torch", False):
+        try:
+            import torch
+            torch_version = torch.__version__
+            at, bt = (torch.tensor(v, requires_grad=True) for v in (an, bn))
+            gt = torch.from_numpy(gn)
+
+            def torch_fb():
+                at.grad = bt.grad = None
+                (at + bt).backward(gt)
+
+            cases["torch_forward"] = lambda: at + bt
+            cases["torch_forward_backward"] = torch_fb
+        except ImportError:
+            pass
+    us: dict[str, list] = {name: [] for name in cases}
+    for f in cases.values():                                  # warm-up
+        for _ in range(100):
+            f()
+    rounds = max(1, args.rounds)
+    for r in range(rounds):
+        for name in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
+            f = cases[name]
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                f()
+            us[name].append((time.perf_counter() - t0) / calls * 1e6)
+    result: dict[str, Any] = {"mode": "op-overhead", "op": "a + b, 16x16 float32, requires_grad",
+                              "calls_per_round": calls, "rounds": rounds, "torch": torch_version}
+    result.update({f"{name}_us": _spread(ts) for name, ts in us.items()})
+    med = {name: statistics.median(ts) for name, ts in us.items()}
+    # tinygpt's time over the other's (below 1: tinygpt is faster)
+    result["time_ratio_forward_vs_numpy"] = _sig(med["tinygpt_forward"] / med["numpy_forward"], 3)
+    if "torch_forward" in med:
+        result["time_ratio_forward_vs_torch"] = _sig(med["tinygpt_forward"] / med["torch_forward"], 3)
+        result["time_ratio_forward_backward_vs_torch"] = _sig(
+            med["tinygpt_forward_backward"] / med["torch_forward_backward"], 3)
+    return result
 
 
 def _report(result: dict, as_json: bool) -> int:

@@ -95,10 +95,24 @@ def build(config: Any, state_dict: dict, device: str):
     return model.to(device)
 
 
-def make_step(model: Any, idx: Any, targets: Any, lr: float, weight_decay: float, betas: tuple):
-    """A training step closure: forward, backward, clip at 1.0, AdamW (decay on 2-D weights only)."""
+def make_step(model: Any, idx: Any, targets: Any, lr: float, weight_decay: float, betas: tuple,
+              plain: bool = False):
+    """A training step closure: forward, backward, clip at 1.0, AdamW (decay on 2-D weights only). plain: the
+    loop of a learner's script instead (forward, zero_grad, backward, AdamW over all parameters, no clip)."""
     import torch
 
+    if plain:
+        popt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
+        pidx, ptgt = (torch.as_tensor(a).to(next(model.parameters()).device) for a in (idx, targets))
+
+        def plain_step():
+            loss = model(pidx, ptgt)
+            popt.zero_grad()
+            loss.backward()
+            popt.step()
+            return loss
+
+        return plain_step
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
