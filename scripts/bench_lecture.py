@@ -9,10 +9,11 @@ torch.cat of the heads, ReLU, dropout 0). It is not tinygpt's fused GPT (tinygpt
 what a learner's script gets, one process, no data parallelism. Both start from the same weights (tinygpt's
 init, loaded into torch) and train on the same batches with AdamW; their first losses must agree.
 
-Each framework gets 2 threads (torch.set_num_threads; tinygpt's BLAS through threadpoolctl). Rounds
-interleave the two, in alternating order, so a slow spell on a shared machine hits both; each round times
---steps training steps (forward, zero_grad, backward, AdamW step) after --warmup untimed ones. Reported:
-tokens/s per round, and the median and range of tinygpt/torch over the rounds. torch is imported here, for
+Each framework gets 2 threads (torch.set_num_threads; tinygpt's BLAS through threadpoolctl). After
+--warmup untimed steps each, every round runs --steps training steps (forward, zero_grad, backward, AdamW
+step) of each framework interleaved step by step, alternating which goes first, so a slow spell on a shared
+machine hits both. Reported: tokens/s per round, the median and range of tinygpt/torch over the rounds, and
+the median time of a single step. torch is imported here, for
 the race only; tinygpt itself never imports it.
 """
 from __future__ import annotations
@@ -208,15 +209,17 @@ def main(argv=None) -> int:
             for _ in range(args.warmup):
                 steps[name]()
         tokens = args.steps * B * T
-        rounds = []
+        rounds, step_times = [], {"tinygpt": [], "torch": []}
         for r in range(args.rounds):
-            order = ["tinygpt", "torch"] if r % 2 == 0 else ["torch", "tinygpt"]
-            rate = {}
-            for name in order:
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
+            spent = {"tinygpt": 0.0, "torch": 0.0}
+            for i in range(args.steps):          # step by step, alternating which goes first
+                for name in (["tinygpt", "torch"] if (r + i) % 2 == 0 else ["torch", "tinygpt"]):
+                    t0 = time.perf_counter()
                     steps[name]()
-                rate[name] = tokens / (time.perf_counter() - t0)
+                    dt = time.perf_counter() - t0
+                    spent[name] += dt
+                    step_times[name].append(dt)
+            rate = {name: tokens / spent[name] for name in spent}
             rounds.append(rate)
             if not args.json:
                 print(f"round {r + 1}: tinygpt {rate['tinygpt']:8.0f} tok/s, torch {rate['torch']:8.0f} tok/s, "
@@ -231,6 +234,7 @@ def main(argv=None) -> int:
                                 "min": min(r[name] for r in rounds), "max": max(r[name] for r in rounds)}
                          for name in ("tinygpt", "torch")},
         "ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+        "median_step_ms": {name: 1000 * statistics.median(v) for name, v in step_times.items()},
         "rounds": rounds,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "numpy": np.__version__, "torch": torch_version},
@@ -248,7 +252,8 @@ def main(argv=None) -> int:
         print(f"{name:8s} median {tp[name]['median']:8.0f} tok/s ({ms[name]:.1f} ms/step), "
               f"range {tp[name]['min']:.0f}-{tp[name]['max']:.0f}")
     print(f"tinygpt / torch: median {result['ratio']['median']:.3f}, range {result['ratio']['min']:.3f}-"
-          f"{result['ratio']['max']:.3f} over {args.rounds} rounds of {args.steps} steps")
+          f"{result['ratio']['max']:.3f} over {args.rounds} rounds of {args.steps} steps; median single step: "
+          f"tinygpt {result['median_step_ms']['tinygpt']:.1f} ms, torch {result['median_step_ms']['torch']:.1f} ms")
     print(f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; numpy "
           f"{np.__version__}, torch {torch_version}")
     return 0
