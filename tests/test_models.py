@@ -453,3 +453,18 @@ def test_kv_cache_with_speed_options_matches_full_forward(opts):
         steps = [m.lm_head(m._hidden(tinygpt.tensor(ids[:, t:t + 1]), cache)).numpy()[:, 0] for t in range(5, 16)]
     np.testing.assert_allclose(first, full[:, :5], atol=1e-5)
     np.testing.assert_allclose(np.stack(steps, axis=1), full[:, 5:], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_speedrun_preset_trains(tmp_path):
+    """The speedrun preset (Muon + AdamW, ReLU², untied head) for 60 iterations: the loss falls well below ln 65."""
+    from tinygpt.train import RunSettings, Trainer
+    s = RunSettings.from_preset("speedrun", data="shakespeare", max_iters=60, eval_interval=30, eval_iters=5,
+                                out_dir=str(tmp_path / "o"))
+    assert (s.optimizer, s.activation, s.tie_weights) == ("muon", "relu2", False)
+    t = Trainer(s, progress=False)
+    assert isinstance(t.optimizer, optim.Muon)
+    r = t.run()
+    first, last = r.history[0], r.history[-1]
+    assert abs(first["val_loss"] - math.log(65)) < 0.15
+    assert last["train_loss"] < first["train_loss"] - 1.0 and last["val_loss"] < 3.0

@@ -131,3 +131,19 @@ def test_muon_state_dict_round_trip(rng):
     step(m2, o2)
     for (n, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
         np.testing.assert_array_equal(p1.numpy(), p2.numpy(), err_msg=n)
+
+
+def test_a_muon_run_resumes_bit_exact(tmp_path):
+    from tinygpt import checkpoint
+    from tinygpt.train import RunSettings, Trainer
+    kw = dict(data="shakespeare", n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_iters=2,
+              eval_interval=3, max_iters=6, lr_decay_iters=6, warmup_iters=2, workers=1)
+    Trainer(RunSettings.from_preset("speedrun", out_dir=str(tmp_path / "a"), **kw), progress=False).run()
+    Trainer(RunSettings.from_preset("speedrun", out_dir=str(tmp_path / "b"), **{**kw, "max_iters": 3}),
+            progress=False).run()
+    Trainer.resume(tmp_path / "b", {"max_iters": 6}, progress=False).run()
+    a, b = (checkpoint.load(checkpoint.checkpoint_path(tmp_path / d, "last")) for d in "ab")
+    assert a.meta["iter"] == b.meta["iter"] == 6
+    for k in a.model_state:
+        np.testing.assert_array_equal(a.model_state[k], b.model_state[k], err_msg=k)
+    assert any("momentum_buffer" in s for s in b.optim_state["state"].values())
