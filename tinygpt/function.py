@@ -57,17 +57,17 @@ class Function:
     """Base class for an op. Subclasses define static `forward(ctx, *arrays)` and `backward(ctx, grad)`."""
 
     retained: tuple = ()    # weak references to the output Tensor when it called retain_grad()
+    saved: tuple | None = ()    # what forward saved (None once backward has freed it)
+    freed = False
+    last_use = True             # False while backward(retain_graph=True) runs
+    out_shape: tuple = ()       # the output's shape and dtype, for checking the gradients that reach it
+    out_dtype: Any = None
 
     def __init__(self, xp: Any, device: Any, parents: tuple, needs_input_grad: tuple):
         self.xp = xp                                # the array module of this op's device
         self.device = device
         self.parents = parents                      # per input: Function | leaf Tensor | None
         self.needs_input_grad = needs_input_grad    # per input: does it want a gradient?
-        self.saved: tuple | None = ()
-        self.freed = False
-        self.last_use = True                        # False while backward(retain_graph=True) runs
-        self.out_shape: tuple = ()
-        self.out_dtype: Any = None
 
     # --- what forward leaves for backward --------------------------------------------------------
     def save_for_backward(self, *arrays: Any) -> None:
@@ -98,8 +98,8 @@ class Function:
         `backward()` can come back through it.
         """
         Tensor = _tensor_mod.Tensor
-        device = None
-        for a in args:
+        device, arrays, needs = None, [], []
+        for a in args:                              # one pass: the device, the raw arrays, who wants a grad
             if isinstance(a, Tensor):
                 if device is None:
                     device = a.device
@@ -107,11 +107,15 @@ class Function:
                     raise backend.DeviceError(
                         f"{cls.__name__}: inputs are on different devices, {device.name!r} and "
                         f"{a.device.name!r}; move them to one with .to(device)")
+                arrays.append(a.data)
+                needs.append(a.requires_grad)
+            else:
+                arrays.append(a)
+                needs.append(False)
         if device is None:
             device = backend.get_device()
-        arrays = [a.data if isinstance(a, Tensor) else a for a in args]
-        needs = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
-        record = _tensor_mod.is_grad_enabled() and any(needs)
+        needs = tuple(needs)
+        record = True in needs and _tensor_mod.is_grad_enabled()
         ctx = cls(device.xp, device, (), needs)
         out = cls.forward(ctx, *arrays, **kwargs)
         if not record:
