@@ -184,8 +184,8 @@ def _torch_step(config, model, batch, hyper, device, plain: bool = False) -> Cal
     return bench_torch.make_step(tmodel, *batch, **hyper, plain=plain)
 
 
-def _same_threads(n: int):
-    """A `with` block in which tinygpt's BLAS and kernels and torch's intra-op pool all use n threads."""
+def _same_threads(n: int, with_torch: bool = True):
+    """A `with` block in which tinygpt's BLAS and kernels and (with_torch) torch's intra-op pool use n threads."""
     stack = contextlib.ExitStack()
     try:
         from threadpoolctl import threadpool_limits
@@ -195,6 +195,8 @@ def _same_threads(n: int):
     old = cpu_kernels.set_num_threads(n)
     stack.callback(cpu_kernels.set_num_threads, old)
     try:
+        if not with_torch:
+            return stack
         import torch
         old_torch = torch.get_num_threads()
         torch.set_num_threads(n)
@@ -338,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     plain = getattr(args, "plain", False)
     if plain and device == "cpu":                 # one process: both frameworks get the same threads
         threads = cpu_kernels.num_cores()
-        with _same_threads(threads):
+        with _same_threads(threads, not getattr(args, "no_torch", False)):
             return _race(args, preset, batch_size, steps, device, plain, str(threads))
     return _race(args, preset, batch_size, steps, device, plain,
                  os.environ.get("TINYGPT_NUM_THREADS") or "auto")
