@@ -281,7 +281,7 @@ def _child(args: argparse.Namespace) -> int:
 
 def _memory_trace(args, batch_size: int, device: str) -> dict:
     """Train N steps; RSS after a 10% warm-up and at the end: the graph must not leak."""
-    _, _, step, _, _ = _setup(args.preset, batch_size, device, args.workers)
+    _, _, step, _, _ = _setup(args.preset, batch_size, device, args.workers, getattr(args, "plain", False))
     n = args.memory_trace
     samples = []
     for i in range(1, n + 1):
@@ -289,7 +289,7 @@ def _memory_trace(args, batch_size: int, device: str) -> dict:
         if i % max(1, n // 20) == 0 or i == n:
             samples.append((i, _rss_mb()))
     warm = next(rss for i, rss in samples if i >= max(1, n // 10))
-    return {"mode": "memory-trace", "preset": args.preset, "device": device, "batch_size": batch_size,
+    return {"mode": "memory-trace", "plain": bool(getattr(args, "plain", False)), "preset": args.preset, "device": device, "batch_size": batch_size,
             "steps": n, "rss_after_warmup_mb": round(warm, 1), "rss_end_mb": round(samples[-1][1], 1),
             "growth_pct": round(100 * (samples[-1][1] - warm) / warm, 2),
             "samples": [(i, round(r, 1)) for i, r in samples]}
