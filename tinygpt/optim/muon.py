@@ -60,8 +60,9 @@ def newton_schulz(M: Any, steps: int = 5, eps: float = 1e-7) -> Any:
 
 
 def _xp(a: Any):
-    import numpy as np
-    return np if isinstance(a, np.ndarray) else __import__("cupy")
+    """The array module of `a` (NumPy, or CuPy through the backend seam)."""
+    from tinygpt import backend
+    return backend.get_array_module(a)
 
 
 class Muon(Optimizer):
