@@ -194,15 +194,12 @@ def _same_threads(n: int, with_torch: bool = True):
         pass
     old = cpu_kernels.set_num_threads(n)
     stack.callback(cpu_kernels.set_num_threads, old)
-    try:
-        if not with_torch:
-            return stack
-        import torch
-        old_torch = torch.get_num_threads()
-        torch.set_num_threads(n)
-        stack.callback(torch.set_num_threads, old_torch)
-    except ImportError:
-        pass
+    if with_torch:
+        try:
+            from tinygpt import bench_torch
+            stack.callback(bench_torch.set_num_threads, bench_torch.set_num_threads(n))
+        except ImportError:
+            pass
     return stack
 
 
@@ -433,17 +430,9 @@ def _op_overhead(args, calls: int = 2000) -> dict:
     torch_version = None
     if not getattr(args, "no_torch", False):
         try:
-            import torch
-            torch_version = torch.__version__
-            at, bt = (torch.tensor(v, requires_grad=True) for v in (an, bn))
-            gt = torch.from_numpy(gn)
-
-            def torch_fb():
-                at.grad = bt.grad = None
-                (at + bt).backward(gt)
-
-            cases["torch_forward"] = lambda: at + bt
-            cases["torch_forward_backward"] = torch_fb
+            from tinygpt import bench_torch
+            torch_version = bench_torch.version()
+            cases["torch_forward"], cases["torch_forward_backward"] = bench_torch.add_op_cases(an, bn, gn)
         except ImportError:
             pass
     us: dict[str, list] = {name: [] for name in cases}

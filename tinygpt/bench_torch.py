@@ -130,6 +130,28 @@ def make_step(model: Any, idx: Any, targets: Any, lr: float, weight_decay: float
     return step
 
 
+def add_op_cases(a: Any, b: Any, g: Any) -> tuple:
+    """torch's side of bench --op-overhead: (forward, forward + backward) callables of a + b on copies of the
+    NumPy arrays a, b (leaves that require grad), backward with g, the grads set to None first."""
+    import torch
+    at, bt = (torch.tensor(v, requires_grad=True) for v in (a, b))
+    gt = torch.from_numpy(g)
+
+    def forward_backward():
+        at.grad = bt.grad = None
+        (at + bt).backward(gt)
+
+    return (lambda: at + bt), forward_backward
+
+
+def set_num_threads(n: int) -> int:
+    """Give torch's intra-op pool n threads; returns how many it had (ImportError without torch)."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return old
+
+
 def synchronize(device: str) -> None:
     """Wait for torch's queued CUDA work (a no-op on the CPU); called before reading a clock."""
     import torch
