@@ -90,7 +90,7 @@ def test_default_train_is_packaged_shakespeare_without_network(tmp_path, capsys,
     assert main(["train", "--max-iters", "0", "--no-progress", "--eval-iters", "1"]) == 0
     captured = capsys.readouterr()
     assert captured.err == ""                                                # no fallback notice
-    assert "preset cpu, corpus shakespeare, char tokenizer (vocab 65)" in captured.out
+    assert "preset speedrun, corpus shakespeare, char tokenizer (vocab 65)" in captured.out
     assert (tmp_path / "out" / checkpoint.LAST).is_file()
     assert not (tmp_path / "cache" / "tinyshakespeare.txt").exists()         # nothing downloaded
 

@@ -1,6 +1,6 @@
 """The `tinygpt` command: train, sample, bench.
 
-    tinygpt train                              # preset "cpu" on the default corpus, checkpoints in out/
+    tinygpt train                              # preset "speedrun" on the default corpus, checkpoints in out/
     tinygpt train --preset bigram --max-iters 3000
     tinygpt train --resume --max-iters 4000    # continue out/ckpt_last.safetensors
     tinygpt sample --out-dir out --prompt "ROMEO:" --max-new-tokens 300
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    t = sub.add_parser("train", help="train a model (default: preset 'cpu' on the default corpus)",
+    t = sub.add_parser("train", help="train a model (default: preset 'speedrun' on the default corpus)",
                        description="Train a model. Every option left out comes from the preset; with --resume, "
                                    "from the checkpoint.")
     add_flags(t, RunSettings, defaults=False, default_text=_preset_defaults)
@@ -86,7 +86,7 @@ def _train(args: argparse.Namespace) -> int:
         trainer = Trainer.resume(out_dir, given, progress=progress)
     else:
         given.setdefault("device", backend.default_device())
-        preset = given.pop("preset", "cpu")
+        preset = given.pop("preset", "speedrun")     # val 1.84 in ~35 s on 2 cores (BENCHMARKS.md)
         settings = RunSettings.from_preset(preset, out_dir=out_dir, **given)
         trainer = Trainer(settings, progress=progress)
     s = trainer.settings

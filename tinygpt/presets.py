@@ -31,12 +31,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                   n_layer=6, n_head=6, n_embd=384, dropout=0.2, bias=True, qkv_bias=False, activation="relu",
                   tie_weights=False, decay_lr=False, warmup_iters=0, lr_decay_iters=0, min_lr=0.0,
                   weight_decay=0.01, beta2=0.999),
-    # Time to quality (issue 19; BENCHMARKS.md "Time to quality"): the cpu preset's model shape with ReLU² and an
-    # untied head, trained by Muon (the blocks' 2-D weights, peak 0.015) and AdamW (embeddings, head, gains;
-    # peak 4e-3) for 700 iterations: warmup 30, cosine to 1% of the peak, one evaluation at the end. Tuned on a
-    # dev split carved from the training text (scripts/speedrun_tune.py), never on validation.
-    "speedrun": dict(max_iters=700, lr_decay_iters=700, warmup_iters=30, lr=4e-3, min_lr=4e-5, eval_interval=700,
-                     activation="relu2", tie_weights=False, optimizer="muon", muon_lr=0.015),
+    # Time to quality (issue 19; BENCHMARKS.md "Time to quality"): the cpu preset's shape (4 layers, 4 heads, 128
+    # channels, block 64, batch 12) with rotary positions (no wpe table), RMS-normalized q and k, ReLU² and an
+    # untied head, trained by Muon (the blocks' 2-D weights, peak 0.015) and AdamW (embeddings, head, gains; peak
+    # 4e-3, decay 0.1) for 500 iterations: warmup 30, cosine to 1% of the peak, one evaluation at the end.
+    # Tuned on a dev split carved from the training text (scripts/speedrun_tune.py), never on validation.
+    "speedrun": dict(max_iters=500, lr_decay_iters=500, warmup_iters=30, lr=4e-3, min_lr=4e-5, eval_interval=500,
+                     activation="relu2", tie_weights=False, rope=True, qk_norm=True, optimizer="muon",
+                     muon_lr=0.015),
 }
 
 

@@ -175,7 +175,7 @@ def show(value: Any) -> str:
 class RunSettings:
     """Every knob of a run; the defaults are the cpu preset. `from_preset` starts from a preset. JSON-able
     (stored in checkpoints) and checked on creation (ConfigError)."""
-    preset: str = setting("cpu", "the run to start from", OneOf(*presets.PRESETS), default_help="cpu")
+    preset: str = setting("cpu", "the run to start from", OneOf(*presets.PRESETS), default_help="speedrun")
     model: str = setting("gpt", "the model (set by the preset)", OneOf("gpt", "bigram"), flag=False)
     data: str | None = setting(None, "a UTF-8 .txt file or folder, 'shakespeare' (Tiny Shakespeare, shipped "
                                "with tinygpt), 'shakespeare-download' or 'python-stdlib'",
