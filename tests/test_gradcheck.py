@@ -148,12 +148,13 @@ def test_numerical_grad_matches_the_closed_form():
 
 def test_readme_learner_example_runs_as_written(capsys):
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## For learners", 1)
-    assert len(section) == 2, "README.md has no '## For learners' section"
+    heading = "## For learners: write an op, check its gradient"
+    section = readme.split(heading, 1)
+    assert len(section) == 2, f"README.md has no '{heading}' section"
     body = section[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", body, flags=re.S)
-    assert blocks, "no ```python block under '## For learners'"
-    exec(compile(blocks[0], "README.md:For learners", "exec"), {"__name__": "__readme__"})
+    assert blocks, f"no ```python block under '{heading}'"
+    exec(compile(blocks[0], "README.md:write an op", "exec"), {"__name__": "__readme__"})
     assert capsys.readouterr().out.strip()  # it prints what it promises
 
 
