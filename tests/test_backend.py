@@ -1,5 +1,5 @@
 """The backend seam: device lookup and errors, CUDA without CuPy, $TINYGPT_DEVICE, moving arrays, random
-state, normal_cdf, and the import rules (only backend.py imports CuPy; tinygpt never imports torch)."""
+state, and the import rules (only backend.py imports CuPy; tinygpt never imports torch)."""
 import ast
 import json
 import math
@@ -187,35 +187,6 @@ def test_rng_state_round_trips_through_json():
     backend.host_rng().random(10)
     backend.set_rng_state(state)
     assert_allclose(backend.host_rng().random(3), a)
-
-
-# --- normal_cdf ------------------------------------------------------------------------------------------
-
-def _phi(x):
-    return np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in np.ravel(x)]).reshape(np.shape(x))
-
-
-def test_normal_cdf_float64_is_exact():
-    x = np.linspace(-9, 9, 181)
-    y = backend.normal_cdf(x)
-    assert y.dtype == np.float64
-    assert_allclose(y, _phi(x), rtol=1e-13, atol=0)  # up to the rounding of x/√2
-    assert y[0] > 0  # the far tail has no cancellation to 0
-
-
-def test_normal_cdf_float32_is_accurate():
-    x = np.linspace(-8, 8, 1601).astype(np.float32)
-    y = backend.normal_cdf(x)
-    assert y.dtype == np.float32
-    assert_allclose(y, _phi(x.astype(np.float64)), atol=2e-7, rtol=1e-6)
-    assert (np.diff(y) >= 0).all()  # monotone
-
-
-def test_normal_cdf_on_strict_device(strict):
-    x = strict_xp.asarray(np.linspace(-3, 3, 7).astype(np.float32))
-    y = backend.normal_cdf(x)
-    assert isinstance(y, StrictArray)
-    assert_allclose(backend.to_numpy(y), _phi(np.linspace(-3, 3, 7)), atol=2e-7)
 
 
 # --- import rules ---------------------------------------------------------------------------------------

@@ -427,12 +427,6 @@ def device_normal_cdf(x: Any) -> Any:
     return dev.xp.normal_cdf(x)
 
 
-def normal_cdf(x: Any) -> Any:
-    """Moved to tinygpt.ops.activations.normal_cdf; this forwards to it for older callers."""
-    from tinygpt.ops.activations import normal_cdf as moved
-    return moved(x)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Random numbers. One seed drives the host generator (init, dropout on the CPU, sampling) and each
 # device's generator, so `manual_seed(s)` makes a run repeatable.
