@@ -497,9 +497,13 @@ def test_temp_files_of_killed_saves_are_removed_at_the_next_start(corpus, tmp_pa
 
 # ---- 5. kills: no worker survives, SIGTERM and SIGHUP save ------------------------------------------------------
 def _children(pid):
+    """The child pids of every thread of `pid` (a thread that ends while we look has none left)."""
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        kids += [int(c) for c in (task / "children").read_text().split()]
+        try:
+            kids += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
     return kids
 
 
