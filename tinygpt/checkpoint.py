@@ -113,14 +113,18 @@ def _write_error(path: Path, e: BaseException) -> CheckpointWriteError:
 def remove_stale_temps(folder: str | Path) -> list[Path]:
     """Delete the temporary files that killed saves left in `folder` (".ckpt_last.safetensors.*.tmp");
     call it only while no other process can be saving there (tinygpt train holds the out-dir's lock)."""
+    return remove_files(tmp for name in (LAST, BEST) for tmp in Path(folder).glob(f".{name}.*.tmp"))
+
+
+def remove_files(paths: Any) -> list[Path]:
+    """Delete each of `paths` that can be deleted (a missing one is fine); the ones deleted."""
     removed = []
-    for name in (LAST, BEST):
-        for tmp in Path(folder).glob(f".{name}.*.tmp"):
-            try:
-                tmp.unlink()
-                removed.append(tmp)
-            except OSError:
-                pass
+    for path in paths:
+        try:
+            Path(path).unlink()
+            removed.append(Path(path))
+        except OSError:
+            pass
     return removed
 
 

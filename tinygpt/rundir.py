@@ -130,14 +130,8 @@ def remove_stale_temps(out_dir: str | Path) -> list[Path]:
     """Delete what killed writers left in out_dir: checkpoint, log and plot temporaries. Call it only while
     holding the out-dir's lock (no live writer can own them then)."""
     out_dir = Path(out_dir)
-    removed = checkpoint.remove_stale_temps(out_dir)
-    for tmp in (out_dir / "log.jsonl.tmp", out_dir / ".loss.png.tmp.png"):
-        try:
-            tmp.unlink()
-            removed.append(tmp)
-        except OSError:
-            pass
-    return removed
+    return (checkpoint.remove_stale_temps(out_dir)
+            + checkpoint.remove_files((out_dir / "log.jsonl.tmp", out_dir / ".loss.png.tmp.png")))
 
 
 # --- how a run is asked to stop ---------------------------------------------------------------------------
