@@ -354,3 +354,34 @@ def test_layernorm1d_normalises_rows_not_columns():
                          (x[0, :].mean(), ref[0, :].mean()), (x[0, :].std(), ref[0, :].std())]:
         assert abs(mine.item() - theirs.item()) < 1e-5
     np.testing.assert_allclose(x.numpy(), ref.numpy(), atol=1e-5)
+
+
+# --- next to the lecture: what a learner arriving from makemore types ---------------------------------------
+
+def test_one_hot_as_makemore_uses_it():
+    xs = torch.tensor([0, 5, 13, 13, 1])
+    enc = F.one_hot(xs, num_classes=27)
+    assert enc.shape == (5, 27) and enc.dtype == torch.long
+    assert enc.sum(1).tolist() == [1] * 5 and enc.argmax(1).tolist() == xs.tolist()
+    assert F.one_hot(torch.tensor([[2], [0]])).shape == (2, 1, 3)          # num_classes from the largest id
+    W = torch.randn(27, 27, requires_grad=True)
+    logits = enc.float() @ W                                               # = the rows W[xs]
+    assert torch.allclose(logits, W[xs])
+    logits.sum().backward()
+    assert W.grad[13].tolist() == [2.0] * 27 and W.grad[2].tolist() == [0.0] * 27
+    with pytest.raises(ValueError, match="too small"):
+        F.one_hot(xs, num_classes=10)
+    with pytest.raises(TypeError, match="integers"):
+        F.one_hot(torch.tensor([0.0, 1.0]))
+    rt = real_torch()
+    ref = rt.nn.functional.one_hot(rt.tensor([0, 5, 13, 13, 1]), num_classes=27)
+    assert enc.tolist() == ref.tolist()
+
+
+def test_pow_method_is_the_power_operator():
+    x = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    y = (x - x.mean()).pow(2).mean()                       # a variance, the way people write it by hand
+    y.backward()
+    assert abs(y.item() - 38 / 9) < 1e-5                  # deviations 1/3, -8/3, 7/3
+    np.testing.assert_allclose(x.grad, 2 * (x.numpy() - x.numpy().mean()) / 3, atol=1e-6)
+    assert torch.tensor([4.0]).pow(0.5).item() == 2.0

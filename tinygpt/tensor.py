@@ -286,6 +286,7 @@ class Tensor:
     def sqrt(self): return ops.sqrt(self)
     def tanh(self): return ops.tanh(self)
     def relu(self): return ops.relu(self)
+    def pow(self, exponent): return ops.pow(self, exponent)   # x.pow(2) is x ** 2
     def reshape(self, *shape): return ops.reshape(self, *shape)
     def view(self, *shape): return ops.reshape(self, *shape)
     def transpose(self, dim0=-2, dim1=-1): return ops.transpose(self, dim0, dim1)

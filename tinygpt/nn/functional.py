@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tinygpt import ops
+import numpy as np
+
+from tinygpt import backend, ops
 from tinygpt.functional import (  # noqa: F401  (the same in both)
     dropout, embedding, exp, gelu, linear, log, masked_fill, matmul, relu, sigmoid, sqrt, tanh, where)
 from tinygpt.tensor import Tensor, tensor
@@ -67,6 +69,22 @@ def cross_entropy(input: Tensor, target: Any, ignore_index: int = -100, reductio
     rows = input.device.xp.arange(flat.shape[0])
     losses = -flat[rows, safe.data.reshape(-1)] * Tensor(valid.reshape(-1).astype(input.dtype))   # (N,)
     return losses.reshape(t.shape) if reduction == "none" else losses.sum()
+
+
+def one_hot(tensor: Any, num_classes: int = -1) -> Tensor:
+    """Integer ids (...) -> (..., num_classes) int64 rows with a 1 at each id, as torch's (makemore's
+    F.one_hot(xs, num_classes=27).float() @ W). num_classes=-1: the largest id + 1. No gradient."""
+    ids = tensor.data if isinstance(tensor, Tensor) else np.asarray(tensor)
+    xp = backend.get_array_module(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"one_hot: ids must be integers (torch.long), not {ids.dtype}")
+    if ids.size and int(ids.min()) < 0:
+        raise ValueError("one_hot: ids must be >= 0")
+    n = int(ids.max()) + 1 if num_classes == -1 and ids.size else int(num_classes)
+    if n < 0 or (ids.size and int(ids.max()) >= n):
+        raise ValueError(f"one_hot: num_classes={num_classes} is too small for ids up to "
+                         f"{int(ids.max()) if ids.size else None}")
+    return Tensor((ids[..., None] == xp.arange(n)).astype(np.int64))
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Any = None,
