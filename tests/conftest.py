@@ -27,5 +27,15 @@ def _seed():
     tinygpt.manual_seed(0)
 
 
+@pytest.fixture
+def corpus(tmp_path):
+    """3000 random words from eight ("the cat sat on a mat. and dog") in tmp_path/corpus.txt."""
+    rng = np.random.default_rng(0)
+    words = ["the ", "cat ", "sat ", "on ", "a ", "mat. ", "and ", "dog\n"]
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(rng.choice(words, 3000)), encoding="utf-8")
+    return path
+
+
 def torch_or_skip():
     return pytest.importorskip("torch", reason="PyTorch is the test oracle; not installed")

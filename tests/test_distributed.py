@@ -100,15 +100,6 @@ def ranks_json(out: Path, n: int) -> list:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    rng = np.random.default_rng(0)
-    words = ["the ", "cat ", "sat ", "on ", "a ", "mat. ", "and ", "dog\n"]
-    path = tmp_path / "corpus.txt"
-    path.write_text("".join(rng.choice(words, 3000)), encoding="utf-8")
-    return path
-
-
 # --- without MPI ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("env,expected", [
     ({}, False), ({"PMI_SIZE": "2", "PMI_RANK": "0"}, True), ({"OMPI_COMM_WORLD_SIZE": "1"}, False),

@@ -135,13 +135,10 @@ TINY_FLAGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size
 
 
 @pytest.fixture
-def corpus(tmp_path, monkeypatch):
+def corpus(corpus, tmp_path, monkeypatch):
+    """conftest's corpus, with the token cache in tmp_path."""
     monkeypatch.setenv("TINYGPT_CACHE", str(tmp_path / "cache"))
-    rng = np.random.default_rng(0)
-    path = tmp_path / "corpus.txt"
-    path.write_text("".join(rng.choice(["the ", "cat ", "sat ", "on ", "a ", "mat. ", "and ", "dog\n"], 3000)),
-                    encoding="utf-8")
-    return path
+    return corpus
 
 
 def trainer(corpus, out_dir, **kw):

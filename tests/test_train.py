@@ -19,15 +19,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYGPT_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    rng = np.random.default_rng(0)
-    words = ["the ", "cat ", "sat ", "on ", "a ", "mat. ", "and ", "dog\n"]
-    path = tmp_path / "corpus.txt"
-    path.write_text("".join(rng.choice(words, 3000)), encoding="utf-8")
-    return path
-
-
 def run(corpus, out_dir, resume=False, **kw):
     settings = dict(TINY, data=str(corpus), out_dir=str(out_dir), **kw)
     if resume:
