@@ -37,5 +37,19 @@ def corpus(tmp_path):
     return path
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test (AssertionError)."""
+    import socket
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("touched the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
 def torch_or_skip():
     return pytest.importorskip("torch", reason="PyTorch is the test oracle; not installed")

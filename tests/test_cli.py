@@ -2,11 +2,9 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -78,14 +76,8 @@ def test_resume_continues_and_train_output_format(trained, capsys):
     assert checkpoint.load(trained / checkpoint.LAST).iter == 9
 
 
-def test_default_train_is_packaged_shakespeare_without_network(tmp_path, capsys, monkeypatch):
+def test_default_train_is_packaged_shakespeare_without_network(tmp_path, capsys, monkeypatch, no_network):
     """`tinygpt train` with no data option trains on the Tiny Shakespeare shipped in the package."""
-    def no_network(*args, **kwargs):
-        raise AssertionError("tinygpt train touched the network")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--max-iters", "0", "--no-progress", "--eval-iters", "1"]) == 0
     captured = capsys.readouterr()
