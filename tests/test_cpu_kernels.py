@@ -2,7 +2,7 @@
 
 Sizes straddle the block threshold; each kernel runs with 1 thread (inline: the test sizes are below
 MIN_PARALLEL) and with 2 threads, where MIN_PARALLEL is lowered to 1 so that every call goes through the
-thread pool, and the fixture checks that it did. test_threading_threshold checks the real threshold.
+thread team (tinygpt/cpu_threads.py), and the fixture checks that it did. test_threading_threshold checks the real threshold.
 """
 import math
 
@@ -10,48 +10,26 @@ import numpy as np
 import pytest
 
 from tinygpt import cpu_kernels as K
+from tinygpt import cpu_threads as T
 
 
-class _CountingPool:
-    """Wraps the kernels' ThreadPoolExecutor and counts what is submitted to it."""
-
-    def __init__(self, pool):
-        self.pool, self.submitted = pool, 0
-
-    def submit(self, fn, *args):
-        self.submitted += 1
-        return self.pool.submit(fn, *args)
-
-
-@pytest.fixture
-def pool_spy(monkeypatch):
-    """The pool the kernels get, counted; None until they ask for one (a single thread never does)."""
-    spy = {"pool": None}
-    real = K._get_pool
-
-    def counted():
-        pool = real()
-        if pool is None:
-            return None
-        if spy["pool"] is None or spy["pool"].pool is not pool:
-            spy["pool"] = _CountingPool(pool)
-        return spy["pool"]
-
-    monkeypatch.setattr(K, "_get_pool", counted)
-    monkeypatch.setattr(K, "_limit", None)                   # no cap left behind by another test
-    return spy
+def _team_runs() -> int:
+    """Team.run calls so far that used the worker threads (the team counts them itself)."""
+    return 0 if T._team is None else T._team.runs
 
 
 @pytest.fixture(params=["1", "2"])
-def threads(request, monkeypatch, pool_spy):
+def threads(request, monkeypatch):
     monkeypatch.setenv("TINYGPT_NUM_THREADS", request.param)
+    monkeypatch.setattr(T, "_limit", None)                   # no cap left behind by another test
     n = int(request.param)
+    T.team()
+    before = _team_runs()
     if n > 1:
-        monkeypatch.setattr(K, "MIN_PARALLEL", 1)            # every call is shared out, even the tiny ones
+        monkeypatch.setattr(T, "MIN_PARALLEL", 1)            # every call is shared out, even the tiny ones
     yield n
-    pool = pool_spy["pool"]
-    submitted = 0 if pool is None else pool.submitted
-    assert (submitted > 0) == (n > 1), f"{submitted} pool submissions with {n} threads"
+    shared = _team_runs() - before
+    assert (shared > 0) == (n > 1), f"{shared} team runs with {n} threads"
 
 
 SIZES = [(7,), (3, 5000), (70000,), (2, 3, 40001)]
@@ -175,26 +153,29 @@ def test_parallel_blocks_covers_every_index_once(threads):
     def fn(lo, hi):
         seen[lo:hi] += 1
 
-    K.parallel_blocks(fn, seen.size)
+    T.parallel_blocks(fn, seen.size)
     assert (seen == 1).all()
     rows = np.zeros(4096, np.int32)
-    K.parallel_blocks(lambda lo, hi: rows.__setitem__(slice(lo, hi), rows[lo:hi] + 1 + (lo % 64 != 0) * 100),
+    T.parallel_blocks(lambda lo, hi: rows.__setitem__(slice(lo, hi), rows[lo:hi] + 1 + (lo % 64 != 0) * 100),
                       rows.size, block=300, align=64, item_size=100)
     assert (rows == 1).all()                              # aligned: every block starts on a multiple of 64
 
 
-def test_threading_threshold(pool_spy, monkeypatch):
+def test_threading_threshold(monkeypatch):
     """With 2 threads, work below MIN_PARALLEL elements stays inline and work at it is shared out."""
     monkeypatch.setenv("TINYGPT_NUM_THREADS", "2")
-    seen = np.zeros(K.MIN_PARALLEL, np.int32)
+    monkeypatch.setattr(T, "_limit", None)
+    team = T.team()
+    before = team.runs
+    seen = np.zeros(T.MIN_PARALLEL, np.int32)
 
     def fn(lo, hi):
         seen[lo:hi] += 1
 
-    K.parallel_blocks(fn, K.MIN_PARALLEL - 1)
-    assert pool_spy["pool"] is None or pool_spy["pool"].submitted == 0
-    K.parallel_blocks(fn, K.MIN_PARALLEL)
-    assert pool_spy["pool"].submitted == 1                   # the other half runs on the calling thread
+    T.parallel_blocks(fn, T.MIN_PARALLEL - 1)
+    assert team.runs == before
+    T.parallel_blocks(fn, T.MIN_PARALLEL)
+    assert team.runs == before + 1                          # one run: half here, half on the worker
     assert (seen[:-1] == 2).all() and seen[-1] == 1
-    K.parallel_blocks(fn, 64, item_size=K.MIN_PARALLEL // 64)            # 64 rows of 16K: shared out too
-    assert pool_spy["pool"].submitted == 2
+    T.parallel_blocks(fn, 64, item_size=T.MIN_PARALLEL // 64)           # 64 long rows: shared out too
+    assert team.runs == before + 2

@@ -5,7 +5,7 @@ reference math alone when the switch is off.
     the CPU kernels run only when on;
   * a GPT (exact and tanh GELU, dropout) on and off: the same loss, gradients, and weights after 5 AdamW steps;
   * switched off (TINYGPT_KERNELS=reference in a fresh process, or `kernels.disabled()`), with every public
-    function of cpu_kernels and tinygpt.cuda.kernels raising, a GPT trains, evaluates and generates, and
+    function of cpu_kernels, cpu_linear and tinygpt.cuda.kernels raising, a GPT trains, evaluates and generates, and
     the fused ops run on a stand-in "cuda" device;
   * the environment variable: its values, and one line of error for an unknown one.
 """
@@ -22,13 +22,13 @@ import pytest
 
 import tinygpt
 import tinygpt.functional as F
-from tinygpt import backend, cpu_kernels, kernels, nn, optim
+from tinygpt import backend, cpu_kernels, cpu_linear, kernels, nn, optim
 from tinygpt.cuda import kernels as cuda_kernels
 from tinygpt.models import GPT, GPTConfig
 from tinygpt.train import estimate_loss
 from op_cases import CASES, CASE_IDS, make_tensors
 
-KERNEL_MODULES = (cpu_kernels, cuda_kernels)
+KERNEL_MODULES = (cpu_kernels, cpu_linear, cuda_kernels)
 
 
 def public_functions(module) -> list[str]:
@@ -40,7 +40,9 @@ def public_functions(module) -> list[str]:
 
 def test_public_functions_sees_the_kernels():
     assert {"gelu_forward", "layer_norm_forward", "softmax_lastaxis_", "adam_step", "embedding_backward",
-            "normal_cdf", "parallel_blocks", "num_cores"} <= set(public_functions(cpu_kernels))
+            "normal_cdf", "relu_forward", "relu_backward"} <= set(public_functions(cpu_kernels))
+    assert {"matmul", "linear_forward", "linear_backward", "attention_forward",
+            "attention_backward"} <= set(public_functions(cpu_linear))
     assert {"gelu_forward", "softmax_forward", "cross_entropy_backward", "adam_step", "row_module",
             "elementwise"} <= set(public_functions(cuda_kernels))
 
@@ -98,7 +100,8 @@ def _run_case(case, arrays, calls):
 # cases that must take a CPU kernel in float32 (every other case may, or may not)
 CPU_FUSED = ["gelu", "gelu_of_transposed", "layer_norm", "layer_norm_no_bias", "layer_norm_of_transposed",
              "embedding", "embedding_1d", "attention_causal", "attention_full", "attention_kv_cache",
-             "attention_dropout_reseeded", "mlp_block"]
+             "attention_dropout_reseeded", "mlp_block", "relu", "F.relu", "linear", "linear_no_bias",
+             "linear_1d"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -109,7 +112,8 @@ def test_op_table_with_kernels_on_and_off(case, kernel_calls):
         y_off, g_off, calls_off = _run_case(case, arrays, kernel_calls)
     assert calls_off == [], f"kernels ran while switched off: {calls_off}"
     if case.name in CPU_FUSED:
-        assert any(c.startswith("tinygpt.cpu_kernels.") for c in calls_on), "the CPU kernels did not run"
+        assert any(c.startswith(("tinygpt.cpu_kernels.", "tinygpt.cpu_linear.")) for c in calls_on), \
+            "the CPU kernels did not run"
     assert y_on.dtype == y_off.dtype == np.float32
     np.testing.assert_allclose(y_on, y_off, rtol=2e-5, atol=2e-6)
     assert len(g_on) == len(g_off)
@@ -240,13 +244,10 @@ def test_env_reference_in_a_fresh_process_never_calls_a_kernel():
     assert r.stdout.strip() == "trained without kernels"
 
 
-THREAD_SETTINGS = ("num_cores", "num_threads", "set_num_threads")     # how many threads; no math
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="data parallelism forks: Linux only")
 def test_disabled_trainer_with_forked_workers(monkeypatch, tmp_path):
     """`tinygpt train`'s loop, with 2 data-parallel processes (forked after the switch and the traps are
-    set), never calls a kernel; only parallel.py's thread settings from cpu_kernels remain."""
+    set), never calls a kernel."""
     import io
     from tinygpt.train import RunSettings, Trainer
     monkeypatch.setenv("TINYGPT_CACHE", str(tmp_path / "cache"))
@@ -255,7 +256,7 @@ def test_disabled_trainer_with_forked_workers(monkeypatch, tmp_path):
     settings = RunSettings.from_preset("cpu", n_layer=2, n_head=2, n_embd=16, block_size=8, batch_size=4,
                                        eval_iters=2, eval_interval=3, max_iters=3, dropout=0.1, workers=2,
                                        data=str(corpus), out_dir=str(tmp_path / "out"))
-    _make_kernels_raise(monkeypatch, keep=THREAD_SETTINGS)
+    _make_kernels_raise(monkeypatch)
     with kernels.disabled():
         trainer = Trainer(settings, progress=False, out=io.StringIO())
         trainer.run()

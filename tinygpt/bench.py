@@ -19,8 +19,8 @@ reset_peak_memory_stats; the matmul-rate probe's 512 MiB is freed before either.
 
 --plain times the loop a learner writes: `_, loss = model(x, y)`, `opt.zero_grad()`, `loss.backward()`,
 `opt.step()` with a plain AdamW, in this one process (no DataParallel, no clipping), at the preset's size
-with the lecture's choices (ReLU, biases, an untied head); both frameworks get the same threads (BLAS through
-threadpoolctl, torch.set_num_threads). `--workers 1` is close to it but not the same: it keeps the clipping
+with the lecture's choices (ReLU, biases, an untied head); both frameworks get the same threads (tinygpt's
+thread team, torch.set_num_threads). `--workers 1` is close to it but not the same: it keeps the clipping
 and the decay groups of `tinygpt train`, on the preset's GELU/tied model. Every race also reports the ratio
 of each round (the rounds alternate which framework goes first): its median and range, which a loaded
 machine biases less than it does the medians of the steps.
@@ -44,7 +44,7 @@ from typing import Any, Callable
 import numpy as np
 
 import tinygpt
-from tinygpt import backend, cpu_kernels, optim
+from tinygpt import backend, cpu_linear, cpu_threads, optim
 from tinygpt.models import GPT, GPTConfig
 from tinygpt.presets import get_preset
 from tinygpt.parallel import DataParallel
@@ -112,7 +112,8 @@ def flops_per_step(config: GPTConfig, batch_size: int) -> float:
 
 
 def matmul_peak_gflops(device: str) -> float:
-    """The best float32 n×n matmul rate seen on this device (n = 2048 CPU, 8192 CUDA)."""
+    """The best float32 n×n matmul rate seen on this device (n = 2048 CPU, 8192 CUDA). On the CPU the product
+    goes through tinygpt's thread team, as a training step's GEMMs do (tinygpt/cpu_linear.py)."""
     xp = backend.get_device(device).xp
     n = 8192 if device == "cuda" else 2048
     a = xp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
@@ -120,7 +121,7 @@ def matmul_peak_gflops(device: str) -> float:
     for _ in range(5):
         backend.synchronize(device)
         t0 = time.perf_counter()
-        a @ a
+        cpu_linear.matmul(a, a) if device == "cpu" else a @ a
         backend.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     del a
@@ -185,15 +186,15 @@ def _torch_step(config, model, batch, hyper, device, plain: bool = False) -> Cal
 
 
 def _same_threads(n: int, with_torch: bool = True):
-    """A `with` block in which tinygpt's BLAS and kernels and (with_torch) torch's intra-op pool use n threads."""
+    """A `with` block in which tinygpt's thread team and (with_torch) torch's intra-op pool use n threads.
+    NumPy's BLAS stays on one thread: tinygpt's GEMMs are shared out by its team (tinygpt/cpu_threads.py)."""
     stack = contextlib.ExitStack()
-    try:
-        from threadpoolctl import threadpool_limits
-        stack.enter_context(threadpool_limits(limits=n, user_api="blas"))
-    except ImportError:
-        pass
-    old = cpu_kernels.set_num_threads(n)
-    stack.callback(cpu_kernels.set_num_threads, old)
+    old = cpu_threads.set_num_threads(n)
+    stack.callback(cpu_threads.set_num_threads, old)
+    if cpu_threads.team() is None:                 # one thread: no team to put BLAS on one thread
+        limiter = cpu_threads.blas_single_thread()
+        if limiter is not None:
+            stack.callback(limiter.restore_original_limits)
     if with_torch:
         try:
             from tinygpt import bench_torch
@@ -336,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
         return _report(_op_overhead(args), args.json)
     plain = getattr(args, "plain", False)
     if plain and device == "cpu":                 # one process: both frameworks get the same threads
-        threads = cpu_kernels.num_cores()
+        threads = cpu_threads.num_cores()
         with _same_threads(threads, not getattr(args, "no_torch", False)):
             return _race(args, preset, batch_size, steps, device, plain, str(threads))
     return _race(args, preset, batch_size, steps, device, plain,

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from tinygpt import cpu_linear
 from tinygpt.cuda import amp
 from tinygpt.cuda.sources import SUPPORTED_DTYPES
 
@@ -102,9 +103,12 @@ def fused(device: Any, *arrays: Any) -> str | None:
 def matmul(a: Any, b: Any) -> Any:
     """a @ b on raw arrays: every GEMM of Linear and MatMul (ops/linalg.py).
 
-    Only on CUDA with set_matmul_precision("float16" or "bfloat16") is it more than that: tinygpt/cuda/amp.py
-    casts the float32 operands down for the GEMM and the product back up.
+    On CUDA with set_matmul_precision("float16" or "bfloat16"), tinygpt/cuda/amp.py casts the float32
+    operands down for the GEMM and the product back up. On the CPU with the kernels on, a big product is
+    cut into row blocks that the CPU's threads compute at once (tinygpt/cpu_linear.py).
     """
     if amp.get_matmul_precision() in amp.CAST_PRECISIONS:
         return amp.matmul(a, b)
+    if fused("cpu", a, b):                  # big products by row blocks over the CPU's threads
+        return cpu_linear.matmul(a, b)
     return a @ b

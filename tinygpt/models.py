@@ -211,8 +211,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, cache: "KVCache | None" = None, layer: int = 0) -> Tensor:
         B, T, C = x.shape
         nh = self.n_head
-        qkv = self.c_attn(x).reshape(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4)   # (3, B, nh, T, hs)
-        q, k, v = qkv[0], qkv[1], qkv[2]                                            # (B, nh, T, hs) each
+        qkv = self.c_attn(x).reshape(B, T, 3, nh, C // nh)                          # (B, T, 3, nh, hs)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))                  # (B, nh, T, hs) each
         if self.qk_norm:                                          # q, k scaled to rms 1 per head
             ones = self._ones(C // nh, x)
             q, k = norm_ops.rms_norm(q, ones), norm_ops.rms_norm(k, ones)

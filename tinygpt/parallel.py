@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 import tinygpt
-from tinygpt import backend, cpu_kernels
+from tinygpt import backend, cpu_threads
 
 __all__ = ["DataParallel", "choose_workers", "default_workers", "split_rows"]
 
@@ -66,7 +66,7 @@ MIN_FLOPS = 1e9      # a training step below ~1 GFLOP (~10 ms on one core) gains
 
 def default_workers() -> int:
     """Processes for data parallelism: one per core ($TINYGPT_NUM_THREADS caps it) on Linux, else 1."""
-    return cpu_kernels.num_cores() if sys.platform.startswith("linux") else 1
+    return cpu_threads.num_cores() if sys.platform.startswith("linux") else 1
 
 
 def choose_workers(requested: int, model: Any, tokens: int) -> int:
@@ -99,16 +99,10 @@ class _BlasLimit:
     """Single-threaded BLAS inside a `with` block (threadpoolctl), so processes do not oversubscribe cores."""
 
     def __init__(self) -> None:
-        try:
-            from threadpoolctl import ThreadpoolController
-            self._controller = ThreadpoolController()
-        except ImportError:                         # a dependency; without it, BLAS keeps its threads
-            self._controller = None
         self._limiter = None
 
     def __enter__(self) -> "_BlasLimit":
-        if self._controller is not None:
-            self._limiter = self._controller.limit(limits=1, user_api="blas")
+        self._limiter = cpu_threads.blas_single_thread()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -238,12 +232,12 @@ class DataParallel:
             seed = int(rng.integers(2 ** 62)) if backward else 0     # dropout masks; evaluation needs none
             head = _HEADER.pack(self.model.training, backward, seed, share(hi - lo) or 0.0, hi - lo, xh.shape[1])
             self._conns[r - 1].send_bytes(head + xh[lo:hi].tobytes() + yh[lo:hi].tobytes())
-        old_threads = cpu_kernels.set_num_threads(1)
+        old_threads = cpu_threads.set_num_threads(1)
         try:
             with self._blas:
                 loss = _slice(self.model, xh[:edges[1]], yh[:edges[1]], share(edges[1]))
         finally:
-            cpu_kernels.set_num_threads(old_threads)
+            cpu_threads.set_num_threads(old_threads)
             replies = [self._receive(r) for r in range(1, parts)]
         total = loss * (edges[1] / B)
         for r, slice_loss in enumerate(replies, start=1):
@@ -312,7 +306,7 @@ def _worker_loop(model: Any, params: list, grads: list, conn: Any, parent_pid: i
         other.close()
     if parent_pid is not None:
         _die_with_parent(parent_pid, deathsig)
-    cpu_kernels.set_num_threads(1)
+    cpu_threads.set_num_threads(1)
     _BlasLimit().__enter__()                        # for the rest of this process
     while True:
         try:

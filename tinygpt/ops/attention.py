@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from tinygpt import backend, cpu_kernels, kernels
+from tinygpt import backend, cpu_kernels, cpu_linear, kernels
 from tinygpt.cuda import kernels as cuda_kernels
 from tinygpt.function import Function
 from tinygpt.tensor import Tensor
@@ -55,9 +55,11 @@ def _transposed(ctx, a, n_queries: int):
     same on long ones (T = 256: the copy makes it 5% slower), and with a few queries against a long key
     cache (KV-cached generation, Tq = 1..16) the copy costs up to 10x the product itself."""
     t = a.swapaxes(-1, -2)
-    if ctx.xp is np and n_queries >= 32 and a.shape[-2] <= 128:
-        return np.ascontiguousarray(t)
-    return t
+    return np.ascontiguousarray(t) if _copies_transpose(ctx, a, n_queries) else t
+
+
+def _copies_transpose(ctx, a, n_queries: int) -> bool:
+    return ctx.xp is np and n_queries >= 32 and a.shape[-2] <= 128
 
 
 def _softmax_scores(xp, s, scale, causal):
@@ -86,6 +88,12 @@ class ScaledDotProductAttention(Function):
         Tq, Tk = q.shape[-2], k.shape[-2]
         causal = causal and Tq > 1        # one query (KV-cached decoding) is the newest position: sees every key
         scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+        if dropout_p == 0.0 and kernels.fused(ctx.device, q, k, v) == "cpu":
+            # the same math, (batch, head) pairs shared out over the CPU's threads
+            mask = _additive_causal_mask(Tq, Tk, q.dtype) if causal else None
+            y, p = cpu_linear.attention_forward(q, k, v, scale, mask, causal, _copies_transpose(ctx, k, Tq))
+            ctx.save_for_backward(q, k, v, p, None, scale)
+            return y
         s = q @ _transposed(ctx, k, Tq)                           # (B, H, Tq, Tk)
         fused = kernels.fused(ctx.device, s)
         if fused == "cpu":                                        # the same math, blocked and threaded
@@ -109,6 +117,8 @@ class ScaledDotProductAttention(Function):
     def backward(ctx, g):
         q, k, v, p, mask, scale = ctx.saved_tensors
         nq, nk, nv = ctx.needs_input_grad
+        if mask is None and kernels.fused(ctx.device, g, q, k, v, p) == "cpu":
+            return cpu_linear.attention_backward(g, q, k, v, p, scale, _copies_transpose(ctx, v, g.shape[-2]))
         pd = p if mask is None else p * mask
         dv = pd.swapaxes(-1, -2) @ g if nv else None              # (B, H, Tk, hs)
         dp = g @ _transposed(ctx, v, g.shape[-2])                 # (B, H, Tq, Tk)

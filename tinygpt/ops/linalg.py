@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tinygpt import cpu_linear, kernels
 from tinygpt.kernels import matmul as _mm
 from tinygpt.function import Function, unbroadcast
 from tinygpt.ops.elementwise import as_operand
@@ -59,6 +60,8 @@ class Linear(Function):
     @staticmethod
     def forward(ctx, x, w, b=None):
         ctx.save_for_backward(x, w)
+        if kernels.fused(ctx.device, x, w) == "cpu":    # the same math, by row blocks over the CPU's threads
+            return cpu_linear.linear_forward(_flat2d(x), w, b).reshape(x.shape[:-1] + (w.shape[0],))
         # one GEMM over all rows: NumPy's matmul of a 3-D x would loop over the batch axis instead
         y = _mm(_flat2d(x), w.T).reshape(x.shape[:-1] + (w.shape[0],))   # (..., out)
         if b is not None:
@@ -70,6 +73,10 @@ class Linear(Function):
         x, w = ctx.saved_tensors
         nx, nw, *nb = ctx.needs_input_grad
         g2 = _flat2d(g)                                 # (N, out)
+        if kernels.fused(ctx.device, g2, x, w) == "cpu":   # the same math; dx and dW on separate threads
+            gx, gw, gb = cpu_linear.linear_backward(g2, _flat2d(x), w, nx, nw, bool(nb and nb[0]))
+            gx = None if gx is None else gx.reshape(x.shape)
+            return (gx, gw, gb) if nb else (gx, gw)
         gx = _mm(g2, w).reshape(x.shape) if nx else None   # (..., in)
         gw = _mm(g2.T, _flat2d(x)) if nw else None     # (out, in)
         gb = None

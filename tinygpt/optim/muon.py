@@ -34,6 +34,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from tinygpt import cpu_threads
 from tinygpt.optim.adam import Adam
 from tinygpt.optim.optimizer import Optimizer
 from tinygpt.tensor import Tensor
@@ -108,7 +109,7 @@ class Muon(Optimizer):
         """Optimizer.step with single-threaded BLAS on the CPU: the Newton–Schulz products are small (C × C
         to C × 4C), and BLAS threads spinning beside the data-parallel workers or other jobs cost more than
         they save (measured: 0.1 s single-threaded against 0.4-7 s with 2 threads on a busy 2-core box)."""
-        limit = _blas_single_thread()
+        limit = cpu_threads.blas_single_thread()
         try:
             return super().step(closure)
         finally:
@@ -164,20 +165,6 @@ class Muon(Optimizer):
             done = dict(zip(order, pool.map(lambda i: newton_schulz(directions[i], steps), order)))
         for i, (p, _) in enumerate(items):
             self._apply(p, done[i], group)
-
-
-_CONTROLLER: list = []
-
-
-def _blas_single_thread():
-    """A threadpoolctl limit of 1 BLAS thread (restore_original_limits() undoes it), or None without it."""
-    if not _CONTROLLER:
-        try:
-            from threadpoolctl import ThreadpoolController
-            _CONTROLLER.append(ThreadpoolController())
-        except ImportError:
-            _CONTROLLER.append(None)
-    return None if _CONTROLLER[0] is None else _CONTROLLER[0].limit(limits=1, user_api="blas")
 
 
 class _AdamWRule(Adam):

@@ -1,0 +1,204 @@
+"""The CPU thread team (tinygpt/cpu_threads.py) and the GEMM kernels that share work over it
+(tinygpt/cpu_linear.py), against plain NumPy.
+
+The kernels run with 1 thread and with 2, with the size thresholds lowered so that even these small test
+shapes are shared out, and the `threads` fixture checks that the team was (or was not) used.
+"""
+import math
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tinygpt import cpu_kernels, cpu_linear
+from tinygpt import cpu_threads as T
+from tinygpt.ops import attention as A
+
+
+def _runs() -> int:
+    return 0 if T._team is None else T._team.runs
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request, monkeypatch):
+    monkeypatch.setenv("TINYGPT_NUM_THREADS", str(request.param))
+    monkeypatch.setattr(T, "_limit", None)
+    monkeypatch.setattr(cpu_linear, "MIN_MACS", 1)
+    monkeypatch.setattr(T, "MIN_PARALLEL", 1)
+    T.team()
+    before = _runs()
+    yield request.param
+    assert (_runs() > before) == (request.param > 1)
+
+
+@pytest.fixture
+def team(monkeypatch):
+    monkeypatch.setenv("TINYGPT_NUM_THREADS", "3")
+    monkeypatch.setattr(T, "_limit", None)
+    return T.team()
+
+
+# --- the team --------------------------------------------------------------------------------------------
+def test_every_task_runs_once_on_several_threads(team):
+    seen, who = [0] * 10, set()
+
+    def task(i):
+        def run():
+            seen[i] += 1
+            who.add(threading.get_ident())
+            time.sleep(0.01)             # long enough that one thread cannot take every share
+        return run
+
+    team.run([task(i) for i in range(10)])
+    assert seen == [1] * 10
+    assert len(who) == 3 and threading.get_ident() in who
+
+
+def test_a_failing_task_raises_after_every_task_is_done(team):
+    done = []
+
+    def slow():
+        time.sleep(0.05)
+        done.append("slow")
+
+    def fails():
+        raise ValueError("task 2 failed")
+
+    with pytest.raises(ValueError, match="task 2 failed"):
+        team.run([lambda: done.append("first"), fails, slow])
+    assert sorted(done) == ["first", "slow"]
+    team.run([lambda: done.append("again")] * 3)             # the team still works afterwards
+    assert done.count("again") == 3
+
+
+def test_a_team_run_inside_a_task_runs_inline(team):
+    inner = []
+
+    def outer(i):
+        def run():
+            T.run([lambda: inner.append((i, threading.get_ident()))] * 2)
+        return run
+
+    runs = team.runs
+    team.run([outer(i) for i in range(3)])
+    assert len(inner) == 6 and team.runs == runs + 1         # the nested runs did not use the workers
+    for i in range(3):                                       # each task's inner pair ran on its own thread
+        assert len({ident for j, ident in inner if j == i}) == 1
+
+
+def test_one_thread_has_no_team_and_leaves_blas_alone(monkeypatch):
+    monkeypatch.setenv("TINYGPT_NUM_THREADS", "1")
+    assert T.team() is None
+    order = []
+    T.run([lambda: order.append(1), lambda: order.append(2)])
+    assert order == [1, 2]
+
+
+def test_the_team_puts_blas_on_one_thread(team):
+    from threadpoolctl import threadpool_info
+    blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+    assert blas and all(lib["num_threads"] == 1 for lib in blas)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_builds_its_own_team(team):
+    team.run([lambda: None] * 3)
+    pid = os.fork()
+    if pid == 0:                                             # the child: the parent's workers are not here
+        code = 1
+        try:
+            out = []
+            T.team().run([lambda: out.append(1)] * 3)
+            code = 0 if out == [1, 1, 1] and T._team is not team else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+
+
+def test_edges():
+    assert T.edges(10, 3) == [0, 3, 6, 10]
+    assert T.edges(256, 2, align=64) == [0, 128, 256]
+    assert T.edges(300, 2, align=64) == [0, 128, 300]
+
+
+# --- the GEMM kernels ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("a_shape,b_shape", [((37, 20), (20, 9)), ((3, 11, 20), (20, 9)),
+                                             ((5, 11, 20), (5, 20, 9)), ((4, 20), (20,))])
+def test_matmul(a_shape, b_shape, threads, rng):
+    a = rng.standard_normal(a_shape).astype(np.float32)
+    b = rng.standard_normal(b_shape).astype(np.float32)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    got = cpu_linear.matmul(a, b)
+    assert got.shape == want.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if a_shape == (4, 20):                                   # a vector operand: NumPy's @, no team needed
+        cpu_linear.matmul(a, b.reshape(20, 1) @ np.ones((1, 3), np.float32))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_forward_and_backward(bias, threads, rng):
+    N, fin, fout = 33, 12, 7
+    x = rng.standard_normal((N, fin)).astype(np.float32)
+    w = rng.standard_normal((fout, fin)).astype(np.float32)
+    b = rng.standard_normal(fout).astype(np.float32) if bias else None
+    g = rng.standard_normal((N, fout)).astype(np.float32)
+    x64, w64, g64 = (t.astype(np.float64) for t in (x, w, g))
+    want = x64 @ w64.T + (b if bias else 0)
+    np.testing.assert_allclose(cpu_linear.linear_forward(x, w, b), want, rtol=1e-5, atol=1e-5)
+    gx, gw, gb = cpu_linear.linear_backward(g, x, w, True, True, bias)
+    np.testing.assert_allclose(gx, g64 @ w64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gw, g64.T @ x64, rtol=1e-5, atol=1e-5)
+    if bias:
+        np.testing.assert_allclose(gb, g64.sum(axis=0), rtol=1e-5, atol=1e-5)
+    else:
+        assert gb is None
+    gx, gw, _ = cpu_linear.linear_backward(g, x, w, False, True, False)
+    assert gx is None and gw.shape == (fout, fin)
+    gx, gw, _ = cpu_linear.linear_backward(g, x, w, True, False, False)
+    assert gw is None and gx.shape == (N, fin)
+
+
+def _attention_reference(q, k, v, scale, causal):
+    q, k, v = (t.astype(np.float64) for t in (q, k, v))
+    s = q @ k.swapaxes(-1, -2) * scale
+    if causal:
+        s = np.where(A.causal_mask(np, q.shape[-2], k.shape[-2]), -np.inf, s)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return p @ v, p
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Tq,Tk", [(8, 8), (3, 8)])
+def test_attention_forward_and_backward(causal, Tq, Tk, threads, rng):
+    B, H, hs = 3, 2, 4
+    q = rng.standard_normal((B, H, Tq, hs)).astype(np.float32)
+    k, v = (rng.standard_normal((B, H, Tk, hs)).astype(np.float32) for _ in range(2))
+    g = rng.standard_normal((B, H, Tq, hs)).astype(np.float32)
+    scale = np.float32(1 / math.sqrt(hs))
+    mask = A._additive_causal_mask(Tq, Tk, np.float32) if causal else None
+    y, p = cpu_linear.attention_forward(q, k, v, scale, mask, causal, copy_kt=Tq > 4)
+    y_want, p_want = _attention_reference(q, k, v, scale, causal)
+    np.testing.assert_allclose(p, p_want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-5)
+    dq, dk, dv = cpu_linear.attention_backward(g, q, k, v, p, scale, copy_vt=Tq > 4)
+    g64, q64, k64, v64 = (t.astype(np.float64) for t in (g, q, k, v))
+    dp = g64 @ v64.swapaxes(-1, -2)
+    ds = p_want * (dp - (dp * p_want).sum(axis=-1, keepdims=True)) * float(scale)
+    np.testing.assert_allclose(dv, p_want.swapaxes(-1, -2) @ g64, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dq, ds @ k64, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dk, ds.swapaxes(-1, -2) @ q64, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5000), (300001,)])
+def test_relu(shape, threads, rng):
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.reshape(-1)[:2] = [0.0, -0.0]
+    y = cpu_kernels.relu_forward(x)
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+    g = rng.standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(cpu_kernels.relu_backward(g, y), g * (y > 0))

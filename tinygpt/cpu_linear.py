@@ -1,0 +1,163 @@
+"""GEMM-based kernels for the CPU: matmul, Linear and attention, shared out over the thread team.
+
+The math is the ops' own (tinygpt/ops/linalg.py, tinygpt/ops/attention.py); what these kernels add is the
+split. A product is cut into independent pieces, each one a single-threaded GEMM (cpu_threads: BLAS runs
+on one thread while the team has more than one), and the pieces run on the team's threads at once:
+
+  matmul, Linear forward:  by rows of the output, Y[lo:hi] = X[lo:hi] Wᵀ (+ b while the block is in cache)
+  Linear backward:         dX = G W on one thread and dW = Gᵀ X, db = Σ_rows G on another (equal work)
+  attention:               by batch entries: each thread runs the whole forward or backward of its
+                           share, GEMMs and softmax, so one hand-off covers about a dozen NumPy calls
+
+Small products run as they are: below MIN_MACS multiply-adds a hand-off costs more than it saves.
+Every function takes and returns NumPy arrays.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tinygpt import cpu_kernels, cpu_threads
+
+MIN_MACS = 1 << 22       # multiply-adds below which a product stays whole: ~4M, ~60 µs on one core
+
+
+def _parts(macs: int, rows: int) -> int:
+    """How many pieces to cut `rows` rows of a product of `macs` multiply-adds into."""
+    if macs < MIN_MACS:
+        return 1
+    return max(1, min(cpu_threads.num_threads(), rows))
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b, by row blocks over the team when a is (..., M, K) and b is a (K, N) matrix, or by batch
+    entries when both are (B, M, K) and (B, K, N) stacks; as NumPy's @ otherwise."""
+    if b.ndim == 2 and a.ndim >= 2:
+        a2 = a.reshape(-1, a.shape[-1])
+        M, K, N = a2.shape[0], b.shape[0], b.shape[1]
+        parts = _parts(M * K * N, M)
+        if parts > 1:
+            out = np.empty((M, N), np.result_type(a, b))
+            cuts = cpu_threads.edges(M, parts)
+            cpu_threads.run([_gemm(a2, b, out, lo, hi) for lo, hi in zip(cuts, cuts[1:])])
+            return out.reshape(a.shape[:-1] + (N,))
+    elif a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0]:
+        Bn, M, K, N = a.shape[0], a.shape[1], a.shape[2], b.shape[2]
+        parts = _parts(Bn * M * K * N, Bn)
+        if parts > 1:
+            out = np.empty((Bn, M, N), np.result_type(a, b))
+            cuts = cpu_threads.edges(Bn, parts)
+            cpu_threads.run([_gemm(a, b, out, lo, hi, batched=True) for lo, hi in zip(cuts, cuts[1:])])
+            return out
+    return a @ b
+
+
+def _gemm(a, b, out, lo: int, hi: int, batched: bool = False, bias=None):
+    """A task: out[lo:hi] = a[lo:hi] @ b (b[lo:hi] too when batched), plus bias."""
+    def task() -> None:
+        np.matmul(a[lo:hi], b[lo:hi] if batched else b, out=out[lo:hi])
+        if bias is not None:
+            out[lo:hi] += bias
+    return task
+
+
+def linear_forward(x2: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    """y = x Wᵀ + b for x (N, in), W (out, in), b (out,) or None -> (N, out)."""
+    N, out_features = x2.shape[0], w.shape[0]
+    y = np.empty((N, out_features), np.result_type(x2, w))
+    cuts = cpu_threads.edges(N, _parts(N * x2.shape[1] * out_features, N))
+    cpu_threads.run([_gemm(x2, w.T, y, lo, hi, bias=b) for lo, hi in zip(cuts, cuts[1:])])
+    return y
+
+
+def linear_backward(g2: np.ndarray, x2: np.ndarray, w: np.ndarray, want_x: bool, want_w: bool,
+                    want_b: bool) -> tuple:
+    """dx = G W (N, in), dW = Gᵀ X (out, in), db = Σ_rows G (out,), for G (N, out), X (N, in), W (out, in);
+    None where not wanted. With two threads dx and (dW, db) are one task each."""
+    N, out_features, in_features = g2.shape[0], g2.shape[1], x2.shape[1]
+    dtype = np.result_type(g2, w)
+    gx = np.empty((N, in_features), dtype) if want_x else None
+    gw = np.empty((out_features, in_features), dtype) if want_w else None
+    gb = np.empty(out_features, dtype) if want_b else None
+    threads = cpu_threads.num_threads() if N * in_features * out_features >= MIN_MACS else 1
+    share = max(1, threads // 2) if want_x and want_w else threads
+    tasks = []
+    if want_x:
+        cuts = cpu_threads.edges(N, min(share, N))
+        tasks += [_gemm(g2, w, gx, lo, hi) for lo, hi in zip(cuts, cuts[1:])]
+    if want_w:
+        cuts = cpu_threads.edges(out_features, min(share, out_features))
+        tasks += [_gemm(g2.T, x2, gw, lo, hi) for lo, hi in zip(cuts, cuts[1:])]
+    if want_b:
+        def bias_task() -> None:
+            np.matmul(np.ones(N, dtype), g2, out=gb)         # Σ over rows, as a GEMV
+        tasks.append(bias_task)
+    cpu_threads.run(tasks)
+    return gx, gw, gb
+
+
+# --- attention: q kᵀ, softmax, P v, shared out by batch entries --------------------------------------------
+def _heads_inner(shape: tuple, dtype) -> np.ndarray:
+    """An empty (B, nh, T, hs) array laid out as (B, T, nh, hs): the layout the model's (B, T, C) side wants,
+    so its transpose(1, 2).reshape(B, T, C) is a view, not a copy. Other ranks: plain C order."""
+    if len(shape) != 4:
+        return np.empty(shape, dtype)
+    B, nh, T, hs = shape
+    return np.empty((B, T, nh, hs), dtype).transpose(0, 2, 1, 3)
+
+
+def _transposed(a: np.ndarray, copy: bool) -> np.ndarray:
+    t = a.swapaxes(-1, -2)
+    return np.ascontiguousarray(t) if copy else t
+
+
+def _batch_cuts(a: np.ndarray, macs: int) -> list:
+    """Cut points along the first axis for the team (one piece for a 2-D a or a small product)."""
+    n = a.shape[0] if a.ndim > 2 else 1
+    return cpu_threads.edges(n, _parts(macs, n)) if a.ndim > 2 else [0, 1]
+
+
+def _rows(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    return a[lo:hi] if a.ndim > 2 else a
+
+
+def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale, mask, causal: bool,
+                      copy_kt: bool) -> tuple:
+    """y = softmax(q kᵀ · scale + mask) v for q (..., Tq, hs), k, v (..., Tk, hs) of any strides (no copies:
+    NumPy's batched matmul takes strided heads); returns (y, P), P (..., Tq, Tk) contiguous, y (B, nh, Tq, hs)
+    laid out as (B, Tq, nh, hs). mask: additive (Tq, Tk) or None; copy_kt: make kᵀ contiguous first."""
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    p = np.empty(q.shape[:-1] + (Tk,), q.dtype)
+    y = _heads_inner(q.shape[:-1] + (v.shape[-1],), q.dtype)
+
+    def share(lo: int, hi: int):
+        def task() -> None:
+            ps = _rows(p, lo, hi)
+            np.matmul(_rows(q, lo, hi), _transposed(_rows(k, lo, hi), copy_kt), out=ps)   # S (.., Tq, Tk)
+            cpu_kernels.softmax_lastaxis_(ps, scale, mask, causal=causal)                   # P, in place
+            np.matmul(ps, _rows(v, lo, hi), out=_rows(y, lo, hi))                          # (.., Tq, hs)
+        return task
+
+    cuts = _batch_cuts(q, p.size * q.shape[-1] * 2)
+    cpu_threads.run([share(lo, hi) for lo, hi in zip(cuts, cuts[1:])])
+    return y, p
+
+
+def attention_backward(g: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, p: np.ndarray, scale,
+                       copy_vt: bool) -> tuple:
+    """dv = Pᵀ g, dP = g vᵀ, dS = P ⊙ (dP − Σ_k dP ⊙ P) · scale, dq = dS k, dk = dSᵀ q: (dq, dk, dv), laid
+    out as attention_forward's y (so the model's q, k, v views take them back without a copy)."""
+    dq, dk, dv = (_heads_inner(a.shape, a.dtype) for a in (q, k, v))
+
+    def share(lo: int, hi: int):
+        def task() -> None:
+            ps, gs = _rows(p, lo, hi), _rows(g, lo, hi)
+            np.matmul(ps.swapaxes(-1, -2), gs, out=_rows(dv, lo, hi))                   # (.., Tk, hs)
+            ds = gs @ _transposed(_rows(v, lo, hi), copy_vt)                            # dP (.., Tq, Tk)
+            cpu_kernels.softmax_backward_(ds, ps, scale)                               # dS, in place
+            np.matmul(ds, _rows(k, lo, hi), out=_rows(dq, lo, hi))                      # (.., Tq, hs)
+            np.matmul(ds.swapaxes(-1, -2), _rows(q, lo, hi), out=_rows(dk, lo, hi))    # (.., Tk, hs)
+        return task
+
+    cuts = _batch_cuts(q, p.size * q.shape[-1] * 4)
+    cpu_threads.run([share(lo, hi) for lo, hi in zip(cuts, cuts[1:])])
+    return dq, dk, dv
