@@ -124,12 +124,13 @@ def test_embedding_backward(V, rng):
 
 
 @pytest.mark.parametrize("decoupled", [True, False])
-@pytest.mark.parametrize("big", [(400, 500), (1100, 1000)])   # several blocks; past MIN_PARALLEL in all
+@pytest.mark.parametrize("big", [(700, 800), (1100, 1000)])   # several (threaded) blocks each
 def test_adam_step_matches_the_equations(decoupled, big, threads, rng):
-    shapes = [(3,), big, (17, 5)]
+    shapes = [(3,), big, (17, 5), (40, 3)]           # the small ones: gathered by step count (1, 30, 1)
     params = [(rng.standard_normal(s).astype(np.float32), rng.standard_normal(s).astype(np.float32),
                rng.standard_normal(s).astype(np.float32) * 0.1, rng.random(s).astype(np.float32) * 0.1, t)
-              for s, t in zip(shapes, (1, 5, 30))]
+              for s, t in zip(shapes, (1, 5, 30, 1))]
+    grads = [p[1].copy() for p in params]
     ref = [(th.astype(np.float64), g.astype(np.float64), m.astype(np.float64), v.astype(np.float64), t)
            for th, g, m, v, t in params]
     lr, b1, b2, eps, wd = 1e-2, 0.9, 0.99, 1e-8, 0.1
@@ -145,6 +146,8 @@ def test_adam_step_matches_the_equations(decoupled, big, threads, rng):
         np.testing.assert_allclose(m, rm, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(v, rv, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(th, rth, rtol=1e-5, atol=1e-6)
+    for p, g in zip(params, grads):
+        np.testing.assert_array_equal(p[1], g)        # the gradients are read, never written
 
 
 def test_parallel_blocks_covers_every_index_once(threads):

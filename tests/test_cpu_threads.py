@@ -119,6 +119,48 @@ def test_a_forked_child_builds_its_own_team(team):
     assert os.WEXITSTATUS(status) == 0
 
 
+def test_async_jobs_ready_and_wait(team):
+    out, gate = np.zeros(4), threading.Event()
+
+    def slow_fill():
+        gate.wait(5)
+        out[:] = 7.0
+
+    T.submit(slow_fill, writes=[out])
+    assert (out == 0).all()                                 # still queued behind the gate
+    gate.set()
+    T.ready(out)
+    assert (out == 7.0).all()
+    T.submit(lambda: (_ for _ in ()).throw(ValueError("async job failed")))
+    with pytest.raises(ValueError, match="async job failed"):
+        T.wait()
+    T.wait()                                                # raised once, then clear
+
+
+def test_a_run_does_not_wait_for_a_worker_busy_with_an_async_job(team):
+    gate, seen = threading.Event(), []
+    T.submit(lambda: gate.wait(10))                          # one worker blocked until the gate opens
+    start = time.perf_counter()
+    T.run([lambda i=i: seen.append(i) for i in range(3)])
+    took = time.perf_counter() - start
+    gate.set()
+    T.wait()
+    assert sorted(seen) == [0, 1, 2] and took < 5            # the caller took the blocked worker's share
+
+
+def test_submit_from_another_thread_runs_inline(team):
+    out = []
+
+    def other():
+        T.submit(lambda: out.append(threading.get_ident()))
+        out.append(threading.get_ident())
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert len(out) == 2 and out[0] == out[1]
+
+
 def test_edges():
     assert T.edges(10, 3) == [0, 3, 6, 10]
     assert T.edges(256, 2, align=64) == [0, 128, 256]
@@ -150,6 +192,7 @@ def test_linear_forward_and_backward(bias, threads, rng):
     want = x64 @ w64.T + (b if bias else 0)
     np.testing.assert_allclose(cpu_linear.linear_forward(x, w, b), want, rtol=1e-5, atol=1e-5)
     gx, gw, gb = cpu_linear.linear_backward(g, x, w, True, True, bias)
+    T.wait()                                                 # dW and db may come from an async job
     np.testing.assert_allclose(gx, g64 @ w64, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gw, g64.T @ x64, rtol=1e-5, atol=1e-5)
     if bias:
@@ -157,6 +200,7 @@ def test_linear_forward_and_backward(bias, threads, rng):
     else:
         assert gb is None
     gx, gw, _ = cpu_linear.linear_backward(g, x, w, False, True, False)
+    T.wait()
     assert gx is None and gw.shape == (fout, fin)
     gx, gw, _ = cpu_linear.linear_backward(g, x, w, True, False, False)
     assert gw is None and gx.shape == (N, fin)
@@ -202,3 +246,38 @@ def test_relu(shape, threads, rng):
     np.testing.assert_array_equal(y, np.maximum(x, 0))
     g = rng.standard_normal(shape).astype(np.float32)
     np.testing.assert_array_equal(cpu_kernels.relu_backward(g, y), g * (y > 0))
+
+
+# --- the async weight gradients inside backward --------------------------------------------------------
+def _gpt_grads(threads, monkeypatch, tie, twice=False):
+    import tinygpt
+    from tinygpt.models import GPT, GPTConfig
+    monkeypatch.setenv("TINYGPT_NUM_THREADS", str(threads))
+    tinygpt.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, tie_weights=tie,
+                          activation="relu"))
+    rng = np.random.default_rng(0)
+    x = tinygpt.tensor(rng.integers(0, 11, (4, 8)))
+    y = tinygpt.tensor(rng.integers(0, 11, (4, 8)))
+    for _ in range(2 if twice else 1):                       # twice: .grad += on the second pass
+        _, loss = model(x, y)
+        loss.backward()
+    return {name: p.grad.copy() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_backward_with_async_weight_gradients_matches_one_thread(tie, monkeypatch):
+    """Every Linear's dW is an async job here (MIN_MACS = 1); the tied head's weight gets two gradients
+    (its embedding's and its head's), which must be waited for before they are added."""
+    monkeypatch.setattr(cpu_linear, "MIN_MACS", 1)
+    monkeypatch.setattr(T, "_limit", None)
+    one = _gpt_grads(1, monkeypatch, tie)
+    runs = _runs()
+    two = _gpt_grads(2, monkeypatch, tie)
+    assert _runs() > runs
+    assert not T._team._pending and all(not w.unfinished for w in T._team._workers)
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    accumulated = _gpt_grads(2, monkeypatch, tie, twice=True)
+    for name in one:
+        np.testing.assert_allclose(accumulated[name], 2 * one[name], rtol=1e-5, atol=1e-6, err_msg=name)

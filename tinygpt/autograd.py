@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tinygpt import backend
+from tinygpt import backend, cpu_threads
 
 
 def topological_order(root: Any, is_leaf: Any) -> list:
@@ -97,12 +97,15 @@ class Gradients:
             raise RuntimeError(f"{type(op).__name__}.backward returned a gradient of shape {g.shape} "
                                f"for an input of shape {shape}")
         if g.dtype != dtype:
+            cpu_threads.ready(g)
             g = g.astype(dtype)
         key = id(parent)
         prev = self._grads.get(key)
         if prev is None:
             self._grads[key] = g
-        elif id(prev) in self._owned:                 # a sum made here: add into it
+            return
+        cpu_threads.ready(prev, g)                    # neither still being written by a worker
+        if id(prev) in self._owned:                 # a sum made here: add into it
             if isinstance(g, SparseGrad):
                 g.add_to(prev)
             else:
@@ -126,13 +129,17 @@ def _sum(a: Any, b: Any) -> Any:
 
 def accumulate_leaf(leaf: Any, g: Any, handed: set) -> None:
     """leaf.grad += g. A fresh .grad never aliases another leaf's (`handed`: ids given out in this
-    backward) or a view of another array, so later in-place updates of one cannot change another."""
+    backward) or a view of another array, so later in-place updates of one cannot change another.
+    A g that a worker is still writing (cpu_threads) is handed over as it is and waited for only to be
+    read: Tensor.backward waits for every such job before it returns."""
     if leaf.grad is None:
         if id(g) in handed or getattr(g, "base", None) is not None:
+            cpu_threads.ready(g)
             g = g.copy()
         handed.add(id(g))
         leaf.grad = g
     else:
+        cpu_threads.ready(g, leaf.grad)
         leaf.grad += g
 
 

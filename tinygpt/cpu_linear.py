@@ -5,7 +5,8 @@ split. A product is cut into independent pieces, each one a single-threaded GEMM
 on one thread while the team has more than one), and the pieces run on the team's threads at once:
 
   matmul, Linear forward:  by rows of the output, Y[lo:hi] = X[lo:hi] Wᵀ (+ b while the block is in cache)
-  Linear backward:         dX = G W on one thread and dW = Gᵀ X, db = Σ_rows G on another (equal work)
+  Linear backward:         dX = G W by rows; dW = Gᵀ X and db = Σ_rows G as an async job on a worker,
+                           which the backward pass does not wait for until its end
   attention:               by batch entries: each thread runs the whole forward or backward of its
                            share, GEMMs and softmax, so one hand-off covers about a dozen NumPy calls
 
@@ -37,62 +38,69 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         parts = _parts(M * K * N, M)
         if parts > 1:
             out = np.empty((M, N), np.result_type(a, b))
-            cuts = cpu_threads.edges(M, parts)
-            cpu_threads.run([_gemm(a2, b, out, lo, hi) for lo, hi in zip(cuts, cuts[1:])])
+            cpu_threads.split(_gemm(a2, b, out), M, parts)
             return out.reshape(a.shape[:-1] + (N,))
     elif a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0]:
         Bn, M, K, N = a.shape[0], a.shape[1], a.shape[2], b.shape[2]
         parts = _parts(Bn * M * K * N, Bn)
         if parts > 1:
             out = np.empty((Bn, M, N), np.result_type(a, b))
-            cuts = cpu_threads.edges(Bn, parts)
-            cpu_threads.run([_gemm(a, b, out, lo, hi, batched=True) for lo, hi in zip(cuts, cuts[1:])])
+            cpu_threads.split(_gemm(a, b, out, batched=True), Bn, parts)
             return out
     return a @ b
 
 
-def _gemm(a, b, out, lo: int, hi: int, batched: bool = False, bias=None):
-    """A task: out[lo:hi] = a[lo:hi] @ b (b[lo:hi] too when batched), plus bias."""
-    def task() -> None:
+def _gemm(a, b, out, batched: bool = False, bias=None):
+    """fn(lo, hi): out[lo:hi] = a[lo:hi] @ b (b[lo:hi] too when batched), plus bias."""
+    def rows(lo: int, hi: int) -> None:
         np.matmul(a[lo:hi], b[lo:hi] if batched else b, out=out[lo:hi])
         if bias is not None:
             out[lo:hi] += bias
-    return task
+    return rows
 
 
 def linear_forward(x2: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
     """y = x Wᵀ + b for x (N, in), W (out, in), b (out,) or None -> (N, out)."""
     N, out_features = x2.shape[0], w.shape[0]
     y = np.empty((N, out_features), np.result_type(x2, w))
-    cuts = cpu_threads.edges(N, _parts(N * x2.shape[1] * out_features, N))
-    cpu_threads.run([_gemm(x2, w.T, y, lo, hi, bias=b) for lo, hi in zip(cuts, cuts[1:])])
+    parts = _parts(N * x2.shape[1] * out_features, N)
+    cpu_threads.split(_gemm(x2, w.T, y, bias=b), N, parts)
     return y
 
 
 def linear_backward(g2: np.ndarray, x2: np.ndarray, w: np.ndarray, want_x: bool, want_w: bool,
                     want_b: bool) -> tuple:
     """dx = G W (N, in), dW = Gᵀ X (out, in), db = Σ_rows G (out,), for G (N, out), X (N, in), W (out, in);
-    None where not wanted. With two threads dx and (dW, db) are one task each."""
+    None where not wanted.
+
+    dx is on the path back to the input, needed at once (split by rows over the team); dW and db only by
+    the optimizer. So with a team, dW and db go to a worker as an async job (cpu_threads.submit) and this
+    thread returns with dx while the worker computes them: the backward pass goes on down the model
+    meanwhile, and Tensor.backward waits for the jobs at its end (cpu_threads.wait). Without a team,
+    all three here."""
     N, out_features, in_features = g2.shape[0], g2.shape[1], x2.shape[1]
     dtype = np.result_type(g2, w)
-    gx = np.empty((N, in_features), dtype) if want_x else None
+    gx = None
+    if want_x:                                               # first: the next op waits for it
+        gx = np.empty((N, in_features), dtype)
+        cpu_threads.split(_gemm(g2, w, gx), N, _parts(N * in_features * out_features, N))
     gw = np.empty((out_features, in_features), dtype) if want_w else None
     gb = np.empty(out_features, dtype) if want_b else None
-    threads = cpu_threads.num_threads() if N * in_features * out_features >= MIN_MACS else 1
-    share = max(1, threads // 2) if want_x and want_w else threads
-    tasks = []
-    if want_x:
-        cuts = cpu_threads.edges(N, min(share, N))
-        tasks += [_gemm(g2, w, gx, lo, hi) for lo, hi in zip(cuts, cuts[1:])]
-    if want_w:
-        cuts = cpu_threads.edges(out_features, min(share, out_features))
-        tasks += [_gemm(g2.T, x2, gw, lo, hi) for lo, hi in zip(cuts, cuts[1:])]
-    if want_b:
-        def bias_task() -> None:
-            np.matmul(np.ones(N, dtype), g2, out=gb)         # Σ over rows, as a GEMV
-        tasks.append(bias_task)
-    cpu_threads.run(tasks)
+    if want_w or want_b:
+        def weight_grads() -> None:
+            if want_w:
+                np.matmul(g2.T, x2, out=gw)                  # Σ over rows of gᵀ x
+            if want_b:
+                np.matmul(np.ones(N, dtype), g2, out=gb)     # Σ over rows, as a GEMV
+        if N * in_features * out_features >= MIN_MACS:
+            cpu_threads.submit(weight_grads, writes=[a for a in (gw, gb) if a is not None])
+        else:
+            weight_grads()
     return gx, gw, gb
+
+
+def _task(fn, lo: int, hi: int):
+    return lambda: fn(lo, hi)
 
 
 # --- attention: q kᵀ, softmax, P v, shared out by batch entries --------------------------------------------
@@ -110,10 +118,10 @@ def _transposed(a: np.ndarray, copy: bool) -> np.ndarray:
     return np.ascontiguousarray(t) if copy else t
 
 
-def _batch_cuts(a: np.ndarray, macs: int) -> list:
-    """Cut points along the first axis for the team (one piece for a 2-D a or a small product)."""
+def _by_batch(fn, a: np.ndarray, macs: int) -> None:
+    """fn(lo, hi) over a's first axis, shared out when worth it (whole for a 2-D a)."""
     n = a.shape[0] if a.ndim > 2 else 1
-    return cpu_threads.edges(n, _parts(macs, n)) if a.ndim > 2 else [0, 1]
+    cpu_threads.split(fn, n, _parts(macs, n) if a.ndim > 2 else 1)
 
 
 def _rows(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -129,16 +137,13 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale, mask, 
     p = np.empty(q.shape[:-1] + (Tk,), q.dtype)
     y = _heads_inner(q.shape[:-1] + (v.shape[-1],), q.dtype)
 
-    def share(lo: int, hi: int):
-        def task() -> None:
-            ps = _rows(p, lo, hi)
-            np.matmul(_rows(q, lo, hi), _transposed(_rows(k, lo, hi), copy_kt), out=ps)   # S (.., Tq, Tk)
-            cpu_kernels.softmax_lastaxis_(ps, scale, mask, causal=causal)                   # P, in place
-            np.matmul(ps, _rows(v, lo, hi), out=_rows(y, lo, hi))                          # (.., Tq, hs)
-        return task
+    def share(lo: int, hi: int) -> None:
+        ps = _rows(p, lo, hi)
+        np.matmul(_rows(q, lo, hi), _transposed(_rows(k, lo, hi), copy_kt), out=ps)   # S (.., Tq, Tk)
+        cpu_kernels.softmax_lastaxis_(ps, scale, mask, causal=causal)                   # P, in place
+        np.matmul(ps, _rows(v, lo, hi), out=_rows(y, lo, hi))                          # (.., Tq, hs)
 
-    cuts = _batch_cuts(q, p.size * q.shape[-1] * 2)
-    cpu_threads.run([share(lo, hi) for lo, hi in zip(cuts, cuts[1:])])
+    _by_batch(share, q, p.size * q.shape[-1] * 2)
     return y, p
 
 
@@ -148,16 +153,13 @@ def attention_backward(g: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarra
     out as attention_forward's y (so the model's q, k, v views take them back without a copy)."""
     dq, dk, dv = (_heads_inner(a.shape, a.dtype) for a in (q, k, v))
 
-    def share(lo: int, hi: int):
-        def task() -> None:
-            ps, gs = _rows(p, lo, hi), _rows(g, lo, hi)
-            np.matmul(ps.swapaxes(-1, -2), gs, out=_rows(dv, lo, hi))                   # (.., Tk, hs)
-            ds = gs @ _transposed(_rows(v, lo, hi), copy_vt)                            # dP (.., Tq, Tk)
-            cpu_kernels.softmax_backward_(ds, ps, scale)                               # dS, in place
-            np.matmul(ds, _rows(k, lo, hi), out=_rows(dq, lo, hi))                      # (.., Tq, hs)
-            np.matmul(ds.swapaxes(-1, -2), _rows(q, lo, hi), out=_rows(dk, lo, hi))    # (.., Tk, hs)
-        return task
+    def share(lo: int, hi: int) -> None:
+        ps, gs = _rows(p, lo, hi), _rows(g, lo, hi)
+        np.matmul(ps.swapaxes(-1, -2), gs, out=_rows(dv, lo, hi))                   # (.., Tk, hs)
+        ds = gs @ _transposed(_rows(v, lo, hi), copy_vt)                            # dP (.., Tq, Tk)
+        cpu_kernels.softmax_backward_(ds, ps, scale)                               # dS, in place
+        np.matmul(ds, _rows(k, lo, hi), out=_rows(dq, lo, hi))                      # (.., Tq, hs)
+        np.matmul(ds.swapaxes(-1, -2), _rows(q, lo, hi), out=_rows(dk, lo, hi))    # (.., Tk, hs)
 
-    cuts = _batch_cuts(q, p.size * q.shape[-1] * 4)
-    cpu_threads.run([share(lo, hi) for lo, hi in zip(cuts, cuts[1:])])
+    _by_batch(share, q, p.size * q.shape[-1] * 4)
     return dq, dk, dv

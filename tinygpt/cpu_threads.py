@@ -19,6 +19,7 @@ A team started inside a task, or from a second thread while the team is busy, ru
 """
 from __future__ import annotations
 
+import collections
 import os
 import threading
 from typing import Callable, Sequence
@@ -76,44 +77,98 @@ def blas_single_thread():
 
 
 # --- the team -------------------------------------------------------------------------------------------
-class _Worker:
-    """One thread that runs the jobs handed to it, one at a time: `go` starts a job, `done` ends it."""
+class _Job:
+    """One piece of work for a worker; `done` is held until it has run (its exception kept for the caller)."""
+    __slots__ = ("fn", "done", "error", "finished")
 
-    def __init__(self, index: int) -> None:
-        self.go, self.done = threading.Lock(), threading.Lock()
-        self.go.acquire()
+    def __init__(self, fn: Callable[[], None] | None) -> None:
+        self.fn, self.error, self.finished = fn, None, False
+        self.done = threading.Lock()
         self.done.acquire()
-        self.job: Callable[[], None] | None = None
-        self.error: BaseException | None = None
+
+    def wait(self) -> None:
+        """Block until the job has run, even through Ctrl-C (it writes arrays the caller owns); raise its
+        exception, once."""
+        interrupted = None
+        while True:
+            try:
+                self.done.acquire()
+                break
+            except KeyboardInterrupt as e:
+                interrupted = e
+        self.done.release()                # later waits return at once
+        error, self.error = self.error, None
+        if interrupted is not None:
+            raise interrupted
+        if error is not None:
+            raise error
+
+
+class _Worker:
+    """One thread. It takes shares of the team's current run first (the caller is waiting for those),
+    then its own queue of async jobs in order; `_wake` is released once per share or job offered."""
+
+    def __init__(self, team: "Team", index: int) -> None:
+        self._team = team
+        self._queue: collections.deque = collections.deque()
+        self._wake = threading.Semaphore(0)
+        self.unfinished: list = []         # async jobs handed here and not yet waited for (caller's list)
         threading.Thread(target=self._loop, name=f"tinygpt-{index}", daemon=True).start()
 
+    def submit(self, fn: Callable[[], None] | None) -> _Job:
+        job = _Job(fn)
+        self._queue.append(job)
+        self._wake.release()
+        return job
+
     def _loop(self) -> None:
+        shares = self._team._shares
         while True:
-            self.go.acquire()
-            job, self.job = self.job, None
-            if job is None:                # Team.close
-                return
-            try:
-                job()
-            except BaseException as e:     # handed to the caller of Team.run
-                self.error = e
-            finally:
-                self.done.release()
+            self._wake.acquire()
+            while True:                    # until there is nothing left to take
+                try:
+                    job = shares.popleft()
+                except IndexError:
+                    try:
+                        job = self._queue.popleft()
+                    except IndexError:
+                        break
+                    if job.fn is None:     # Team.close
+                        return
+                _run(job)
+
+
+def _run(job: _Job) -> None:
+    try:
+        job.fn()
+    except BaseException as e:             # handed to whoever waits for the job
+        job.error = e
+    finally:
+        job.finished = True
+        job.done.release()
 
 
 class Team:
-    """n - 1 worker threads plus the calling thread. run(tasks) shares a list of tasks among them."""
+    """n - 1 worker threads plus the calling thread. run(tasks) shares a list of tasks among them and
+    waits; submit(fn) hands fn to a worker and returns at once (wait() or ready() collects it)."""
 
     def __init__(self, n: int) -> None:
         self.size = n
         self._busy = threading.Lock()
-        self._workers = [_Worker(i) for i in range(1, n)]
-        self.runs = 0                      # run() calls that used the workers (the tests count them)
+        self._shares: collections.deque = collections.deque()   # the current run's shares, not yet taken
+        self._workers = [_Worker(self, i) for i in range(1, n)]
+        self._pending: dict = {}           # id(array) -> the async job that writes it
+        self.owner = threading.get_ident() # the thread that may submit async jobs
+        self.runs = 0                      # run() and submit() calls that offered work to the workers
 
     def run(self, tasks: Sequence[Callable[[], None]]) -> None:
-        """Call every task once and return when all are done: the caller takes the first share of the
-        list, each worker a later one (contiguous shares, as even as the count allows). A task's exception
-        is raised here, after every task has finished."""
+        """Call every task once and return when all are done. The list is cut into `size` contiguous
+        shares (as even as the count allows); the caller runs the first, then takes back any share no
+        worker has started yet (a worker may be busy with an async job, or still waking up), then waits
+        for the shares the workers took. A task's exception is raised here, after every share is done.
+
+        The cuts depend on the count alone, never on timing: a GEMM's rounding depends on where its rows
+        are cut, so the same inputs and thread count give the same bits, whichever thread runs a share."""
         parts = min(self.size, len(tasks))
         if parts <= 1 or not self._busy.acquire(blocking=False):    # nested, or busy: inline
             for task in tasks:
@@ -121,38 +176,72 @@ class Team:
             return
         try:
             self.runs += 1
-            edges = [len(tasks) * i // parts for i in range(parts + 1)]
-            started = []
-            for w, lo, hi in zip(self._workers, edges[1:-1], edges[2:]):
-                w.job = _in_order(tasks[lo:hi])
-                w.go.release()
-                started.append(w)
+            cuts = [len(tasks) * i // parts for i in range(parts + 1)]
+            shares = [_Job(_in_order(tasks[lo:hi])) for lo, hi in zip(cuts, cuts[1:])]
+            self._shares.extend(shares[1:])
+            for w in self._workers[:parts - 1]:
+                w._wake.release()
+            _run(shares[0])
+            while True:                    # take back what no worker has started
+                try:
+                    job = self._shares.popleft()
+                except IndexError:
+                    break
+                _run(job)
             error = None
-            try:
-                _in_order(tasks[:edges[1]])()
-            except BaseException as e:
-                error = e
-            for w in started:              # wait for every worker, even through Ctrl-C: they write our arrays
-                while True:
-                    try:
-                        w.done.acquire()
-                        break
-                    except KeyboardInterrupt as e:
-                        error = error or e
-                error, w.error = error or w.error, None
+            for job in shares:             # every share, even after an error: they write our arrays
+                try:
+                    job.wait()
+                except BaseException as e:
+                    error = error or e
             if error is not None:
                 raise error
         finally:
             self._busy.release()
 
+    def submit(self, fn: Callable[[], None], writes: Sequence = ()) -> None:
+        """Run fn on a worker while the caller goes on; `writes`: the arrays fn fills, which ready()
+        waits for. Only the thread that owns the team (the one that calls run) may submit."""
+        w = min(self._workers, key=lambda w: len(w.unfinished))
+        self.runs += 1
+        job = w.submit(fn)
+        w.unfinished.append(job)
+        if len(w.unfinished) > 64:         # forget the finished ones now and then
+            w.unfinished = [j for j in w.unfinished if not j.finished]
+        for a in writes:
+            self._pending[id(a)] = job
+
+    def ready(self, *arrays) -> None:
+        """Wait for the async jobs that write any of `arrays`."""
+        for a in arrays:
+            job = self._pending.pop(id(a), None)
+            if job is not None:
+                job.wait()
+
+    def wait(self) -> None:
+        """Wait for every async job; raise the first exception among them."""
+        error = None
+        for w in self._workers:
+            for job in w.unfinished:
+                try:
+                    job.wait()
+                except BaseException as e:
+                    error = error or e
+            w.unfinished = []
+        self._pending.clear()
+        if error is not None:
+            raise error
 
     def close(self) -> None:
-        """End the worker threads (a team of another size replaces this one)."""
+        """End the worker threads (a team of another size replaces this one), after their queued jobs."""
         with self._busy:
             for w in self._workers:
-                w.job = None
-                w.go.release()
+                w.submit(None)
             self._workers = []
+
+
+def _range(fn: Callable[[int, int], None], lo: int, hi: int) -> Callable[[], None]:
+    return lambda: fn(lo, hi)
 
 
 def _in_order(tasks: Sequence[Callable[[], None]]) -> Callable[[], None]:
@@ -184,6 +273,7 @@ def team() -> Team | None:
     if _team is None or _team.size != n:
         blas_single_thread()               # for the rest of the process (the limiter is not kept)
         if _team is not None:
+            _team.wait()
             _team.close()
         _team = Team(n)
     return _team
@@ -199,30 +289,56 @@ def run(tasks: Sequence[Callable[[], None]]) -> None:
         t.run(tasks)
 
 
+def submit(fn: Callable[[], None], writes: Sequence = ()) -> None:
+    """Run fn on a worker while the caller goes on (inline without a team, or from a thread other than
+    the one that started the team); see Team.submit."""
+    t = team()
+    if t is None or threading.get_ident() != t.owner:
+        fn()
+    else:
+        t.submit(fn, writes)
+
+
+def ready(*arrays) -> None:
+    """Wait until no async job still writes any of `arrays` (cheap when none does)."""
+    if _team is not None and _team._pending and threading.get_ident() == _team.owner:
+        _team.ready(*arrays)
+
+
+def wait() -> None:
+    """Wait for every async job (the end of a backward pass); raise the first exception among them."""
+    if _team is not None and threading.get_ident() == _team.owner:
+        _team.wait()
+
+
 def edges(n: int, parts: int, align: int = 1) -> list:
     """parts + 1 cut points of [0, n), as even as `align` (a multiple every cut but the last falls on) allows."""
     return [(n * i // parts) // align * align for i in range(parts)] + [n]
 
 
+def split(fn: Callable[[int, int], None], n: int, parts: int, align: int = 1) -> None:
+    """fn(lo, hi) over [0, n) in `parts` contiguous ranges (cut by edges()) at once on the team."""
+    parts = max(1, min(parts, n // max(1, align)))
+    cuts = edges(n, parts, align)
+    run([_range(fn, lo, hi) for lo, hi in zip(cuts, cuts[1:])])
+
+
 def parallel_blocks(fn: Callable[[int, int], None], n: int, block: int = BLOCK, align: int = 1,
                     item_size: int = 1) -> None:
-    """Call fn(lo, hi) over [0, n) in blocks of about `block` items, split evenly among the threads.
+    """Call fn(lo, hi) over [0, n) in blocks of about `block` items, split among the threads.
 
     `align`: block edges fall on multiples of it (so a block holds whole matrices). `item_size`: elements
     per item (a row's length), to judge whether the work is big enough to share out.
     """
     block = max(align, block // align * align)
-
-    def over(lo: int, hi: int) -> Callable[[], None]:
-        def task() -> None:
-            for s in range(lo, hi, block):
-                fn(s, min(s + block, hi))
-        return task
-
     parts = num_threads() if n * item_size >= MIN_PARALLEL else 1
     parts = max(1, min(parts, n // align))
     if parts > 1:        # shared out: fewer, longer NumPy calls (a call under ~10 µs gains nothing from a
         # second thread: the two take turns at the GIL), up to 4 cache blocks at once
         block = max(block, min(-(-n // parts), 4 * block) // align * align)
-    cuts = edges(n, parts, align)
-    run([over(cuts[i], cuts[i + 1]) for i in range(parts)])
+
+    def blocks(lo: int, hi: int) -> None:
+        for s in range(lo, hi, block):
+            fn(s, min(s + block, hi))
+
+    split(blocks, n, parts, align)

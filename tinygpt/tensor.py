@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from tinygpt import autograd, backend
+from tinygpt import autograd, backend, cpu_threads
 
 _state = threading.local()
 _allocator_tuned = False
@@ -211,6 +211,13 @@ class Tensor:
         root = self._ctx if self._ctx is not None else self
         grads = autograd.Gradients(root, grad)     # node -> dL/d(node's output), summed over its uses
         handed = {id(grad)}                         # arrays given to a .grad: never give one out twice
+        try:
+            self._backward_nodes(root, grads, handed, retain_graph)
+        finally:
+            cpu_threads.wait()                      # weight gradients still computed on a CPU worker
+
+    @staticmethod
+    def _backward_nodes(root: Any, grads: Any, handed: set, retain_graph: bool) -> None:
         for node in autograd.topological_order(root, _is_leaf):
             g = grads.pop(node)                     # dL/d(this node's output), all uses added up
             if g is None:
@@ -218,6 +225,7 @@ class Tensor:
             if isinstance(node, Tensor):            # a leaf: its gradient is the answer
                 autograd.accumulate_leaf(node, g, handed)
                 continue
+            cpu_threads.ready(g)                    # read below: not still being written by a worker
             if node.retained:                       # its output asked for .grad with retain_grad()
                 autograd.retain(node.retained, g)
             in_grads = autograd.call_backward(node, g, retain_graph)   # dL/d(inputs) = local rule · g
