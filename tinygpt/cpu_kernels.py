@@ -3,11 +3,11 @@
 Two tricks make plain NumPy fast here:
   1. Cache blocking. A chain of ufuncs over a 12 MB activation streams it through memory once per op;
      the same chain over 64K-element blocks keeps each block (and its temporaries) in L2 cache.
-  2. Threads. NumPy releases the GIL inside ufunc loops, so large arrays (≥ 1M elements) are shared
-     out to a small thread pool, one worker per core. Measured on a 2-core box (BENCHMARKS.md) this
-     gains little: each ufunc call takes the GIL back, and OpenBLAS's idle threads spin on the second
-     core between matmuls. Small arrays therefore stay on the calling thread. Training uses the other
-     cores through processes instead (tinygpt/parallel.py), which cap these kernels at one thread.
+  2. Threads. NumPy releases the GIL inside a ufunc loop, so a kernel's blocks are shared out to the
+     CPU's thread team (tinygpt/cpu_threads.py) when the array is big enough (MIN_PARALLEL) and each
+     NumPy call long enough: two threads gain nothing from calls under ~10 µs, which only take turns at
+     the GIL. Data-parallel training uses the other cores through processes instead
+     (tinygpt/parallel.py), which cap the team at one thread.
 
 Every kernel here takes and returns NumPy arrays only. The ops call them when `tinygpt.kernels.fused`
 answers "cpu", and run their reference math otherwise (TINYGPT_KERNELS=reference runs it everywhere; CuPy

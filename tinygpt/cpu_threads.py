@@ -3,19 +3,24 @@
 Why a team of our own, and BLAS on one thread. NumPy releases the GIL inside a ufunc loop and a GEMM, so
 Python threads can keep two cores busy. But OpenBLAS has threads of its own, and after each GEMM they spin
 on the other cores for a while, waiting for the next one (OPENBLAS_THREAD_TIMEOUT, read once when NumPy
-loads). A kernel that hands half its work to a thread of ours right after a GEMM finds that core taken.
-Measured on the 2-core box: a GEMM then a half-and-half attention forward took 2.30 ms with OpenBLAS on 2
-threads and 2.89 ms on 1, against 2.28 ms for the GEMM then the attention on one thread alone; so
-threading gained nothing next to OpenBLAS's threads. So while the team has more than one thread, NumPy's
-BLAS runs on one (threadpoolctl), and a big GEMM is split by rows over the team (cpu_kernels.matmul):
-3-5% slower than OpenBLAS's own 2 threads, and the elementwise work gains the second core back.
+loads). A kernel that hands half its work to a thread of ours right after a GEMM finds that core taken:
+measured on the 2-core box, a (2048, 128) x (128, 512) GEMM on OpenBLAS's 2 threads followed by an attention
+forward split over 2 of our threads took 2.30 ms, no less than with the attention on one thread (2.28 ms).
+So while the team has more than one thread, NumPy's BLAS runs on one (threadpoolctl), and big GEMMs are
+cut by rows over the team (tinygpt/cpu_linear.py): about as fast as OpenBLAS's own threads, and the
+second core is free for the rest.
 
-A hand-off to a worker costs 10-40 µs here (a sleeping vCPU has to be woken), so work is shared out only
-where each part is worth it: whole-op tasks (half the batch of an attention, one of a Linear's two
-backward GEMMs) rather than single ufunc calls.
+Two ways to hand out work:
+  run(tasks)        the caller takes the first share and waits for the rest; a share that no worker has
+                    started (it is waking, which costs 10-40 µs on a VM whose idle cores sleep, or busy)
+                    is taken back by the caller.
+  submit(fn, writes) an async job: the caller goes on at once. Linear's backward hands its weight
+                    gradients to a worker this way; Tensor.backward calls wait() at its end, and the engine
+                    calls ready(array) before it reads an array a job may still be writing.
+Shares are cut by the count alone, never by timing, so results do not depend on which thread ran what.
 
 `TINYGPT_NUM_THREADS` (or set_num_threads) sets the team's size; 1 means no team, and BLAS left alone.
-A team started inside a task, or from a second thread while the team is busy, runs its tasks inline.
+A run started inside a task, or from a second thread while the team is busy, runs its tasks inline.
 """
 from __future__ import annotations
 
