@@ -40,10 +40,15 @@ def num_cores() -> int:
     env = os.environ.get("TINYGPT_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+    if not _affinity:                      # a system call: asked once per process (the ops ask ~180 times a step)
+        try:
+            _affinity.append(max(1, len(os.sched_getaffinity(0))))
+        except AttributeError:
+            _affinity.append(max(1, os.cpu_count() or 1))
+    return _affinity[0]
+
+
+_affinity: list = []
 
 
 _limit: int | None = None                 # set_num_threads' cap (data-parallel processes use 1)
@@ -224,8 +229,19 @@ class Team:
                 job.wait()
 
     def wait(self) -> None:
-        """Wait for every async job; raise the first exception among them."""
+        """Wait for every async job, running here the ones no worker has started (from the back of each
+        queue, while the worker takes from the front); raise the first exception among them."""
         error = None
+        for w in self._workers:
+            while True:
+                try:
+                    job = w._queue.pop()
+                except IndexError:
+                    break
+                if job.fn is None:         # a close() sentinel stays for the worker
+                    w._queue.append(job)
+                    break
+                _run(job)
         for w in self._workers:
             for job in w.unfinished:
                 try:
@@ -260,9 +276,11 @@ _team: Team | None = None
 
 
 def _forget_team_after_fork() -> None:
-    """A forked child has none of its parent's threads: its team must be made anew there."""
+    """A forked child has none of its parent's threads: its team must be made anew there (and its
+    cores asked again: a launcher may have pinned it)."""
     global _team
     _team = None
+    _affinity.clear()
 
 
 if hasattr(os, "register_at_fork"):
