@@ -9,10 +9,11 @@ torch.cat of the heads, ReLU, dropout 0). It is not tinygpt's fused GPT (tinygpt
 what a learner's script gets, one process, no data parallelism. Both start from the same weights (tinygpt's
 init, loaded into torch) and train on the same batches with AdamW; their first losses must agree.
 
-Each framework gets 2 threads (torch.set_num_threads; tinygpt's BLAS through threadpoolctl). After
---warmup untimed steps each, every round runs --steps training steps (forward, zero_grad, backward, AdamW
-step) of each framework interleaved step by step, alternating which goes first, so a slow spell on a shared
-machine hits both. Reported: tokens/s per round, the median and range of tinygpt/torch over the rounds, and
+Each framework gets 2 threads (torch.set_num_threads; tinygpt's thread team, tinygpt/cpu_threads.py). After
+--warmup untimed steps each, every round runs one untimed and then --steps timed training steps (forward,
+zero_grad, backward, AdamW step) of one framework, then of the other, alternating which goes first, so a slow
+spell on a shared machine hits both. Blocks, not single steps: one framework's idle threads (torch's OpenMP
+threads spin for a while after each step) slow the other's next step, by up to 1.6x here. Reported: tokens/s per round, the median and range of tinygpt/torch over the rounds, and
 the median time of a single step. --clock cpu times CPU seconds instead of wall seconds: with
 --threads 1 it is the figure a busy machine disturbs least. torch is imported here, for
 the race only; tinygpt itself never imports it.
@@ -123,8 +124,10 @@ def make_trainers(args, batches):
     """(name -> step function), the first losses of each, from one set of initial weights."""
     import torch as real_torch
     import tinygpt
+    import tinygpt.cpu_threads
 
     real_torch.set_num_threads(args.threads)
+    tinygpt.cpu_threads.set_num_threads(args.threads)     # tinygpt's thread team (BLAS runs on one of them)
     cfg = dict(vocab_size=65, n_embd=args.n_embd, n_head=args.n_head, n_layer=args.n_layer,
                block_size=args.block_size, dropout=0.0)
     tinygpt.manual_seed(1337)
@@ -217,8 +220,13 @@ def main(argv=None) -> int:
         rounds, step_times = [], {"tinygpt": [], "torch": []}
         for r in range(args.rounds):
             spent = {"tinygpt": 0.0, "torch": 0.0}
-            for i in range(args.steps):          # step by step, alternating which goes first
-                for name in (["tinygpt", "torch"] if (r + i) % 2 == 0 else ["torch", "tinygpt"]):
+            # a block of steps per framework, alternating which goes first; the block's first step is not
+            # timed: the other framework's idle threads may still be spinning (torch's OpenMP threads for
+            # a while after each step, by default), which measured 0.62-1.41x for the same code when the
+            # frameworks alternated step by step
+            for name in (["tinygpt", "torch"] if r % 2 == 0 else ["torch", "tinygpt"]):
+                steps[name]()
+                for i in range(args.steps):
                     t0 = clock()
                     steps[name]()
                     dt = clock() - t0

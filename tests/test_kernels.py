@@ -101,7 +101,7 @@ def _run_case(case, arrays, calls):
 CPU_FUSED = ["gelu", "gelu_of_transposed", "layer_norm", "layer_norm_no_bias", "layer_norm_of_transposed",
              "embedding", "embedding_1d", "attention_causal", "attention_full", "attention_kv_cache",
              "attention_dropout_reseeded", "mlp_block", "relu", "F.relu", "linear", "linear_no_bias",
-             "linear_1d"]
+             "linear_1d", "softmax", "softmax_3d", "softmax_of_transposed"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

@@ -19,7 +19,7 @@ import numpy as np
 
 from tinygpt import cpu_kernels, cpu_threads
 
-MIN_MACS = 1 << 22       # multiply-adds below which a product stays whole: ~4M, ~60 µs on one core
+MIN_MACS = 1 << 21       # multiply-adds below which a product stays whole: ~2M, ~30 µs on one core
 
 
 def _parts(macs: int, rows: int) -> int:

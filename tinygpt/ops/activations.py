@@ -188,8 +188,11 @@ def _on_rows(x, axis) -> bool:
 class Softmax(Function):
     @staticmethod
     def forward(ctx, x, axis=-1):
-        if kernels.fused(ctx.device, x) == "cuda" and _on_rows(x, axis):
+        fused = kernels.fused(ctx.device, x) if _on_rows(x, axis) else None
+        if fused == "cuda":
             y = cuda_kernels.softmax_forward(x)           # the same math, one CUDA block per row
+        elif fused == "cpu":                              # the same math, blocked (on a copy: in place)
+            y = cpu_kernels.softmax_lastaxis_(np.array(x, order="C"))
         else:
             y = _softmax(ctx.xp, x, axis)
         ctx.save_for_backward(y, axis)
@@ -198,8 +201,11 @@ class Softmax(Function):
     @staticmethod
     def backward(ctx, g):
         y, axis = ctx.saved_tensors
-        if kernels.fused(ctx.device, y, g) == "cuda" and _on_rows(y, axis):
+        fused = kernels.fused(ctx.device, y, g) if _on_rows(y, axis) else None
+        if fused == "cuda":
             return cuda_kernels.softmax_backward(g, y), None
+        if fused == "cpu":
+            return cpu_kernels.softmax_backward_(np.array(g, order="C"), y), None
         return _softmax_grad(g, y, axis), None
 
 

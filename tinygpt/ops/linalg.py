@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tinygpt import cpu_linear, kernels
+from tinygpt import cpu_linear, cpu_threads, kernels
 from tinygpt.kernels import matmul as _mm
 from tinygpt.function import Function, unbroadcast
 from tinygpt.ops.elementwise import as_operand
@@ -43,15 +43,24 @@ class MatMul(Function):
             g2 = g2[..., None]
         if a.ndim == 1:
             g2 = g2[..., None, :]
-        ga = gb = None
-        if na:
-            ga = unbroadcast(_mm(g2, _mT(b2)), a2.shape).reshape(a.shape)
-        if nb:
+        out = {"a": None, "b": None}
+
+        def grad_a():
+            out["a"] = unbroadcast(_mm(g2, _mT(b2)), a2.shape).reshape(a.shape)
+
+        def grad_b():
             if b2.ndim == 2 and a2.ndim > 2:            # (B,T,C)@(C,D): dB = Σ_bt a_btᵀ g_bt, one GEMM
-                gb = _mm(_flat2d(a2).T, _flat2d(g2)).reshape(b.shape)
+                out["b"] = _mm(_flat2d(a2).T, _flat2d(g2)).reshape(b.shape)
             else:
-                gb = unbroadcast(_mm(_mT(a2), g2), b2.shape).reshape(b.shape)
-        return ga, gb
+                out["b"] = unbroadcast(_mm(_mT(a2), g2), b2.shape).reshape(b.shape)
+
+        tasks = [task for task, need in ((grad_a, na), (grad_b, nb)) if need]
+        if len(tasks) == 2 and kernels.fused(ctx.device, a, b, g) == "cpu":
+            cpu_threads.run(tasks)                      # the two products at once, on the CPU's threads
+        else:
+            for task in tasks:
+                task()
+        return out["a"], out["b"]
 
 
 class Linear(Function):
