@@ -82,6 +82,23 @@ def test_softmax_lastaxis(Tq, Tk, causal, threads, rng):
     np.testing.assert_allclose(out, _softmax_ref(s, 0.5, mask), atol=2e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shift", [0.0, -100.0, 40.0])     # no shift; rows redone from the source; row max
+def test_softmax_rows_from_a_source(shift, threads, rng):
+    """The Softmax op's path (no mask, the input kept as `source`): rows that sit far below the rest
+    (their sums underflow without a shift) are redone from the source; masked rows as the reference."""
+    x = rng.standard_normal((3, 70, 50)).astype(np.float32)
+    x[0] += shift                          # a whole matrix moved: no shift, redone, or over SAFE_EXP
+    x[1, 5] -= 200.0                       # one row far below its block
+    x[1, 6, 1:] = -np.inf                  # masked but one
+    x[2, :, ::2] = -np.inf                 # half of every row masked
+    want = _softmax_ref(x.astype(np.float64), 1.0, None)
+    got = K.softmax_lastaxis_(x.copy(), source=x)
+    np.testing.assert_allclose(got, want, atol=2e-7, rtol=1e-5)
+    row = np.full((1, 4), -np.inf, np.float32)                     # nothing visible: NaN, as the reference
+    with np.errstate(invalid="ignore"):
+        assert np.isnan(K.softmax_lastaxis_(row.copy(), source=row)).all()
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 40, 40), (4, 4, 64, 300)])     # one block; several
 def test_softmax_backward(shape, threads, rng):
     p = _softmax_ref(rng.standard_normal(shape), 1.0, None).astype(np.float32)

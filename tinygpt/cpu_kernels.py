@@ -137,23 +137,33 @@ def relu_backward(g: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 # --- softmax over the last axis (attention) ---------------------------------------------------------
+SAFE_EXP = 30.0         # logits within ±30 need no shift before exp (see softmax_lastaxis_)
+
+
 def softmax_lastaxis_(s: np.ndarray, scale: float = 1.0, additive_mask: np.ndarray | None = None,
-                      causal: bool = False) -> np.ndarray:
+                      causal: bool = False, source: np.ndarray | None = None) -> np.ndarray:
     """In place: s = softmax(s·scale + mask) over the last axis. s: (..., Tq, Tk), mask: (Tq, Tk) of 0/-inf.
 
     softmax is shift-invariant, softmax(z) = softmax(z - c) for any c per row; c is there so that exp
-    cannot overflow. The textbook c is the row max, but a row max over short rows is slow in NumPy.
-    With a causal mask every query sees its own key, z_ii, so c = z_ii (one gather) serves, unless some
-    z_ij - z_ii could pass the dtype's overflow point (88 for float32): max(z) - min(z_ii) over the block
-    (a cheap flat max) bounds them all, and a block over the bound uses the row max after all.
-    Row sums are one GEMV with a ones vector. The row max is NumPy's fmax, 1.5x as fast as max over short
-    rows here; the two differ only where a row holds a NaN, and such a row comes out all NaN either way.
+    cannot overflow. The textbook c is the row max, but a row max over short rows is slow in NumPy (and
+    subtracting it is a slow broadcast), so each block of rows takes the cheapest c that is safe:
+      * none, when the block's largest z (one flat max) is at most SAFE_EXP and each row is known to hold
+        a z ≥ -SAFE_EXP: nothing can overflow, every row sum is at least e^-30, and what underflows is
+        below e^-57 of its row's sum. Causal rows hold z_ii (one gather); other rows are checked after
+        the exp, by their sums, when `source` (the unscaled, unmasked input) can redo a failing row.
+      * c = z_ii with a causal mask, unless some z_ij - z_ii could pass the overflow point (88 for
+        float32): max(z) - min(z_ii) over the block bounds them all;
+      * else the row max, by NumPy's fmax (1.5x as fast as max over short rows here; the two differ only
+        where a row holds a NaN, and such a row comes out all NaN either way).
+    Row sums are one GEMV with a ones vector.
     """
     Tq, Tk = s.shape[-2], s.shape[-1]
     rows = s.reshape(-1, Tk)
+    src = None if source is None else source.reshape(-1, Tk)
     c = s.dtype.type
     ones = np.ones(Tk, s.dtype)
     limit = c(math.log(float(np.finfo(s.dtype).max)) - 1.0)      # e^limit is still finite
+    safe, floor = c(SAFE_EXP), c(math.exp(-SAFE_EXP))
     qi = np.arange(Tq)
     ki = qi + (Tk - Tq)                                           # query i's own key position
 
@@ -164,13 +174,26 @@ def softmax_lastaxis_(s: np.ndarray, scale: float = 1.0, additive_mask: np.ndarr
             r *= c(scale)
         if additive_mask is not None:
             r3 += additive_mask
-        diag = r3[:, qi, ki][..., None] if causal else None      # z_ii, (n, Tq, 1)
-        if causal and r.max() - diag.min() <= limit:              # every z_ij - z_ii <= limit
-            r3 -= diag
-        else:
-            r -= np.fmax.reduce(r, axis=1)[:, None]             # row max (see below)
+        top = r.max()                                             # NaN: every test below is False
+        if causal:
+            diag = r3[:, qi, ki][..., None]                       # z_ii, (n, Tq, 1)
+            low = diag.min()
+            if not (top <= safe and low >= -safe):
+                if top - low <= limit:                            # every z_ij - z_ii <= limit
+                    r3 -= diag
+                else:
+                    r -= np.fmax.reduce(r, axis=1)[:, None]
+        elif not (src is not None and top <= safe):
+            r -= np.fmax.reduce(r, axis=1)[:, None]             # row max
         np.exp(r, out=r)
         sums = r @ ones
+        if src is not None and not causal and top <= safe:
+            redo = np.flatnonzero(sums < floor)                   # rows with no z ≥ -30: from the source
+            if redo.size:
+                again = src[lo:hi][redo]
+                again -= np.fmax.reduce(again, axis=1)[:, None]
+                r[redo] = np.exp(again)
+                sums[redo] = r[redo] @ ones
         np.divide(c(1), sums, out=sums)
         r *= sums[:, None]
 

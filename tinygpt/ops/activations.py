@@ -192,7 +192,7 @@ class Softmax(Function):
         if fused == "cuda":
             y = cuda_kernels.softmax_forward(x)           # the same math, one CUDA block per row
         elif fused == "cpu":                              # the same math, blocked (on a copy: in place)
-            y = cpu_kernels.softmax_lastaxis_(np.array(x, order="C"))
+            y = cpu_kernels.softmax_lastaxis_(np.array(x, order="C"), source=x)
         else:
             y = _softmax(ctx.xp, x, axis)
         ctx.save_for_backward(y, axis)
