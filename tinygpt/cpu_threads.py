@@ -219,13 +219,12 @@ class Team:
         if len(w.unfinished) > 64:         # forget the finished ones now and then
             w.unfinished = [j for j in w.unfinished if not j.finished]
         for a in writes:
-            self._pending[id(a)] = job
+            self._pending.setdefault(id(a), []).append(job)
 
     def ready(self, *arrays) -> None:
         """Wait for the async jobs that write any of `arrays`."""
         for a in arrays:
-            job = self._pending.pop(id(a), None)
-            if job is not None:
+            for job in self._pending.pop(id(a), ()):
                 job.wait()
 
     def wait(self) -> None:
