@@ -159,7 +159,6 @@ def softmax_lastaxis_(s: np.ndarray, scale: float = 1.0, additive_mask: np.ndarr
     """
     Tq, Tk = s.shape[-2], s.shape[-1]
     rows = s.reshape(-1, Tk)
-    src = None if source is None else source.reshape(-1, Tk)
     c = s.dtype.type
     ones = np.ones(Tk, s.dtype)
     limit = c(math.log(float(np.finfo(s.dtype).max)) - 1.0)      # e^limit is still finite
@@ -183,14 +182,14 @@ def softmax_lastaxis_(s: np.ndarray, scale: float = 1.0, additive_mask: np.ndarr
                     r3 -= diag
                 else:
                     r -= np.fmax.reduce(r, axis=1)[:, None]
-        elif not (src is not None and top <= safe):
+        elif not (source is not None and top <= safe):
             r -= np.fmax.reduce(r, axis=1)[:, None]             # row max
         np.exp(r, out=r)
         sums = r @ ones
-        if src is not None and not causal and top <= safe:
+        if source is not None and not causal and top <= safe:
             redo = np.flatnonzero(sums < floor)                   # rows with no z ≥ -30: from the source
             if redo.size:
-                again = src[lo:hi][redo]
+                again = source.reshape(-1, Tk)[lo:hi][redo]
                 again -= np.fmax.reduce(again, axis=1)[:, None]
                 r[redo] = np.exp(again)
                 sums[redo] = r[redo] @ ones

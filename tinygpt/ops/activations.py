@@ -192,7 +192,8 @@ class Softmax(Function):
         if fused == "cuda":
             y = cuda_kernels.softmax_forward(x)           # the same math, one CUDA block per row
         elif fused == "cpu":                              # the same math, blocked (on a copy: in place)
-            y = cpu_kernels.softmax_lastaxis_(np.array(x, order="C"), source=x)
+            y = np.array(x, order="C")                   # rows of any rank: (rows, 1, n) for the kernel
+            cpu_kernels.softmax_lastaxis_(y.reshape(-1, 1, y.shape[-1]), source=x)
         else:
             y = _softmax(ctx.xp, x, axis)
         ctx.save_for_backward(y, axis)
