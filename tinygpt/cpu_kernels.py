@@ -193,8 +193,8 @@ def softmax_lastaxis_(s: np.ndarray, scale: float = 1.0, additive_mask: np.ndarr
                 again -= np.fmax.reduce(again, axis=1)[:, None]
                 r[redo] = np.exp(again)
                 sums[redo] = r[redo] @ ones
-        np.divide(c(1), sums, out=sums)
-        r *= sums[:, None]
+        np.divide(r, sums[:, None], out=r)     # a division, not a reciprocal times: a row with one
+                                               # visible entry comes out exactly 1, as the lecture shows
 
     parallel_blocks(block, rows.shape[0], block=max(Tq, BLOCK // Tk), align=Tq, item_size=Tk)
     return s
