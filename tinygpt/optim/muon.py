@@ -30,8 +30,6 @@ schedule drives both: α = lr · lr_scale of the Muon groups, α' = lr · lr_sca
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from tinygpt import cpu_threads
@@ -151,18 +149,23 @@ class Muon(Optimizer):
 
     def _update_group(self, items: list, group: dict) -> None:
         """The same math as `_update_param`; for a Muon group of CPU matrices the Newton–Schulz iterations
-        (the costly part: ~25 ms a step for the cpu preset's 16 matrices on one core) run on up to
-        os.cpu_count() threads, each matrix on one thread with single-threaded BLAS (NumPy releases the GIL
-        in matmul). Data-parallel workers sit idle during the optimizer step, so this uses their cores.
-        Each matrix's result is the same as `_update_param`'s, bit for bit."""
-        threads = min(len(items), os.cpu_count() or 1)
-        if not group["muon"] or threads < 2 or any(p.device.name != "cpu" for p, _ in items):
+        (the costly part: ~25 ms a step for the cpu preset's 16 matrices on one core) run on the CPU's
+        thread team (tinygpt/cpu_threads.py), each matrix on one thread with single-threaded BLAS (NumPy
+        releases the GIL in matmul). Data-parallel workers sit idle during the optimizer step, so this uses
+        their cores. Each matrix's result is the same as `_update_param`'s, bit for bit."""
+        if not group["muon"] or cpu_threads.num_threads() < 2 or any(p.device.name != "cpu" for p, _ in items):
             return super()._update_group(items, group)
         directions = [self._direction(p, p.grad, s, group) for p, s in items]
         steps = int(group["ns_steps"])
-        order = sorted(range(len(items)), key=lambda i: -directions[i].size)     # big ones first
-        with ThreadPoolExecutor(threads) as pool:
-            done = dict(zip(order, pool.map(lambda i: newton_schulz(directions[i], steps), order)))
+        done: dict = {}
+
+        def orthogonalize(i: int):
+            return lambda: done.__setitem__(i, newton_schulz(directions[i], steps))
+
+        # the team cuts the list into contiguous shares: sizes dealt in turn (largest first) balance them
+        by_size = sorted(range(len(items)), key=lambda i: -directions[i].size)
+        threads = cpu_threads.num_threads()
+        cpu_threads.run([orthogonalize(i) for k in range(threads) for i in by_size[k::threads]])
         for i, (p, _) in enumerate(items):
             self._apply(p, done[i], group)
 
