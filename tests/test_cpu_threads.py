@@ -161,6 +161,23 @@ def test_submit_from_another_thread_runs_inline(team):
     assert len(out) == 2 and out[0] == out[1]
 
 
+def test_both_returns_the_two_results_computed_at_once(team):
+    who = []
+
+    def first():
+        who.append(threading.get_ident())
+        time.sleep(0.02)
+        return "a"
+
+    def second():
+        who.append(threading.get_ident())
+        time.sleep(0.02)
+        return "b"
+
+    assert T.both(first, second) == ("a", "b")
+    assert len(set(who)) == 2
+
+
 def test_edges():
     assert T.edges(10, 3) == [0, 3, 6, 10]
     assert T.edges(256, 2, align=64) == [0, 128, 256]

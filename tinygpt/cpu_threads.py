@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 BLOCK = 65536            # elements per cache block: 256 KiB of float32. A block and its 2-3 temporaries
                          # still fit a 1 MiB L2, and each NumPy call (~1 µs of overhead) does enough work:
@@ -309,6 +309,13 @@ def run(tasks: Sequence[Callable[[], None]]) -> None:
             task()
     else:
         t.run(tasks)
+
+
+def both(first: Callable[[], Any], second: Callable[[], Any]) -> tuple:
+    """(first(), second()), the two called at once on the team (one after the other without one)."""
+    out: list = [None, None]
+    run([lambda: out.__setitem__(0, first()), lambda: out.__setitem__(1, second())])
+    return out[0], out[1]
 
 
 def submit(fn: Callable[[], None], writes: Sequence = ()) -> None:

@@ -89,7 +89,7 @@ class ScaledDotProductAttention(Function):
         causal = causal and Tq > 1        # one query (KV-cached decoding) is the newest position: sees every key
         scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
         if dropout_p == 0.0 and kernels.fused(ctx.device, q, k, v) == "cpu":
-            # the same math, (batch, head) pairs shared out over the CPU's threads
+            # the same math, batch entries shared out over the CPU's threads (tinygpt/cpu_linear.py)
             mask = _additive_causal_mask(Tq, Tk, q.dtype) if causal else None
             y, p = cpu_linear.attention_forward(q, k, v, scale, mask, causal, _copies_transpose(ctx, k, Tq))
             ctx.save_for_backward(q, k, v, p, None, scale)

@@ -43,24 +43,18 @@ class MatMul(Function):
             g2 = g2[..., None]
         if a.ndim == 1:
             g2 = g2[..., None, :]
-        out = {"a": None, "b": None}
 
-        def grad_a():
-            out["a"] = unbroadcast(_mm(g2, _mT(b2)), a2.shape).reshape(a.shape)
+        def grad_a():                                   # dA = dY @ Bᵀ
+            return unbroadcast(_mm(g2, _mT(b2)), a2.shape).reshape(a.shape)
 
-        def grad_b():
+        def grad_b():                                   # dB = Aᵀ @ dY
             if b2.ndim == 2 and a2.ndim > 2:            # (B,T,C)@(C,D): dB = Σ_bt a_btᵀ g_bt, one GEMM
-                out["b"] = _mm(_flat2d(a2).T, _flat2d(g2)).reshape(b.shape)
-            else:
-                out["b"] = unbroadcast(_mm(_mT(a2), g2), b2.shape).reshape(b.shape)
+                return _mm(_flat2d(a2).T, _flat2d(g2)).reshape(b.shape)
+            return unbroadcast(_mm(_mT(a2), g2), b2.shape).reshape(b.shape)
 
-        tasks = [task for task, need in ((grad_a, na), (grad_b, nb)) if need]
-        if len(tasks) == 2 and kernels.fused(ctx.device, a, b, g) == "cpu":
-            cpu_threads.run(tasks)                      # the two products at once, on the CPU's threads
-        else:
-            for task in tasks:
-                task()
-        return out["a"], out["b"]
+        if na and nb and kernels.fused(ctx.device, a, b, g) == "cpu":
+            return cpu_threads.both(grad_a, grad_b)     # the same two products, at once on the CPU's threads
+        return (grad_a() if na else None), (grad_b() if nb else None)
 
 
 class Linear(Function):
