@@ -44,12 +44,15 @@ def team(monkeypatch):
 # --- the team --------------------------------------------------------------------------------------------
 def test_every_task_runs_once_on_several_threads(team):
     seen, who = [0] * 10, set()
+    together = threading.Barrier(3, timeout=10)    # the first task of each share (0, 3, 6) waits for the
+                                                     # other two: three threads at once, or a timeout
 
     def task(i):
         def run():
             seen[i] += 1
             who.add(threading.get_ident())
-            time.sleep(0.01)             # long enough that one thread cannot take every share
+            if i in (0, 3, 6):
+                together.wait()
         return run
 
     team.run([task(i) for i in range(10)])
@@ -162,16 +165,16 @@ def test_submit_from_another_thread_runs_inline(team):
 
 
 def test_both_returns_the_two_results_computed_at_once(team):
-    who = []
+    who, started = [], threading.Event()
 
     def first():
         who.append(threading.get_ident())
-        time.sleep(0.02)
+        assert started.wait(10)                  # the second runs at the same time, on a worker
         return "a"
 
     def second():
         who.append(threading.get_ident())
-        time.sleep(0.02)
+        started.set()
         return "b"
 
     assert T.both(first, second) == ("a", "b")
