@@ -211,7 +211,8 @@ class Team:
 
     def submit(self, fn: Callable[[], None], writes: Sequence = ()) -> None:
         """Run fn on a worker while the caller goes on; `writes`: the arrays fn fills, which ready()
-        waits for. Only the thread that owns the team (the one that calls run) may submit."""
+        waits for. Only the team's owner (the thread that started it) submits; module-level submit() runs
+        fn inline on any other thread, and ready() and wait() do nothing there."""
         w = min(self._workers, key=lambda w: len(w.unfinished))
         self.runs += 1
         job = w.submit(fn)
