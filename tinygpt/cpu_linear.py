@@ -99,10 +99,6 @@ def linear_backward(g2: np.ndarray, x2: np.ndarray, w: np.ndarray, want_x: bool,
     return gx, gw, gb
 
 
-def _task(fn, lo: int, hi: int):
-    return lambda: fn(lo, hi)
-
-
 # --- attention: q kᵀ, softmax, P v, shared out by batch entries --------------------------------------------
 def _heads_inner(shape: tuple, dtype) -> np.ndarray:
     """An empty (B, nh, T, hs) array laid out as (B, T, nh, hs): the layout the model's (B, T, C) side wants,

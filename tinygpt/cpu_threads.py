@@ -186,7 +186,7 @@ class Team:
             return
         try:
             self.runs += 1
-            cuts = [len(tasks) * i // parts for i in range(parts + 1)]
+            cuts = edges(len(tasks), parts)
             shares = [_Job(_in_order(tasks[lo:hi])) for lo, hi in zip(cuts, cuts[1:])]
             self._shares.extend(shares[1:])
             for w in self._workers[:parts - 1]:
