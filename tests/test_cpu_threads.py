@@ -140,15 +140,19 @@ def test_async_jobs_ready_and_wait(team):
     T.wait()                                                # raised once, then clear
 
 
-def test_a_run_does_not_wait_for_a_worker_busy_with_an_async_job(team):
+def test_a_run_does_not_wait_for_a_worker_busy_with_an_async_job(monkeypatch):
+    monkeypatch.setenv("TINYGPT_NUM_THREADS", "2")           # the only worker is the busy one
+    monkeypatch.setattr(T, "_limit", None)
+    T.team()
     gate, seen = threading.Event(), []
-    T.submit(lambda: gate.wait(10))                          # one worker blocked until the gate opens
+    T.submit(lambda: gate.wait(10))                          # the worker blocked until the gate opens
     start = time.perf_counter()
-    T.run([lambda i=i: seen.append(i) for i in range(3)])
+    T.run([lambda i=i: seen.append((i, threading.get_ident())) for i in range(2)])
     took = time.perf_counter() - start
     gate.set()
     T.wait()
-    assert sorted(seen) == [0, 1, 2] and took < 5            # the caller took the blocked worker's share
+    assert sorted(i for i, _ in seen) == [0, 1] and took < 5  # the caller took the worker's share back
+    assert {ident for _, ident in seen} == {threading.get_ident()}
 
 
 def test_submit_from_another_thread_runs_inline(team):
