@@ -20,11 +20,15 @@ import numpy as np
 from tinygpt import cpu_kernels, cpu_threads
 
 MIN_MACS = 1 << 21       # multiply-adds below which a product stays whole: ~2M, ~30 µs on one core
+MIN_STACK_MACS = 1 << 23 # the same for a stack of small matrices (a head's q kᵀ at (32, 64, 32)): NumPy
+                         # runs them one BLAS call each, at about half a big GEMM's speed, so a share
+                         # must be bigger before it pays for its hand-off
 
 
-def _parts(macs: int, rows: int) -> int:
-    """How many pieces to cut `rows` rows of a product of `macs` multiply-adds into."""
-    if macs < MIN_MACS:
+def _parts(macs: int, rows: int, stack: bool = False) -> int:
+    """How many pieces to cut `rows` rows of a product of `macs` multiply-adds into (`stack`: the rows
+    are the matrices of a stack)."""
+    if macs < (MIN_STACK_MACS if stack else MIN_MACS):
         return 1
     return max(1, min(cpu_threads.num_threads(), rows))
 
@@ -42,7 +46,7 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
             return out.reshape(a.shape[:-1] + (N,))
     elif a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0]:
         Bn, M, K, N = a.shape[0], a.shape[1], a.shape[2], b.shape[2]
-        parts = _parts(Bn * M * K * N, Bn)
+        parts = _parts(Bn * M * K * N, Bn, stack=True)
         if parts > 1:
             out = np.empty((Bn, M, N), np.result_type(a, b))
             cpu_threads.split(_gemm(a, b, out, batched=True), Bn, parts)
