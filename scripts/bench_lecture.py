@@ -238,6 +238,7 @@ def main(argv=None) -> int:
                 print(f"round {r + 1}: tinygpt {rate['tinygpt']:8.0f} tok/s, torch {rate['torch']:8.0f} tok/s, "
                       f"ratio {rate['tinygpt'] / rate['torch']:.3f}", flush=True)
 
+    import tinygpt.cpu_threads
     ratios = [r["tinygpt"] / r["torch"] for r in rounds]
     result = {
         "config": {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size",
@@ -250,7 +251,8 @@ def main(argv=None) -> int:
         "median_step_ms": {name: 1000 * statistics.median(v) for name, v in step_times.items()},
         "rounds": rounds,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "numpy": np.__version__, "torch": torch_version},
+                    "numpy": np.__version__, "torch": torch_version,
+                    "blas": tinygpt.cpu_threads.blas_info()},    # the GEMMs' kernels (Haswell: AVX2)
         "date": datetime.date.today().isoformat(),
     }
     if args.json:
@@ -267,8 +269,10 @@ def main(argv=None) -> int:
     print(f"tinygpt / torch: median {result['ratio']['median']:.3f}, range {result['ratio']['min']:.3f}-"
           f"{result['ratio']['max']:.3f} over {args.rounds} rounds of {args.steps} steps; median single step: "
           f"tinygpt {result['median_step_ms']['tinygpt']:.1f} ms, torch {result['median_step_ms']['torch']:.1f} ms")
+    blas = result["machine"]["blas"]
     print(f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; numpy "
-          f"{np.__version__}, torch {torch_version}")
+          f"{np.__version__} ({blas.get('library')} {blas.get('kernels')} kernels"
+          f"{', forced by ' + blas['forced_by'] if 'forced_by' in blas else ''}), torch {torch_version}")
     return 0
 
 

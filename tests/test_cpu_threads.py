@@ -108,6 +108,19 @@ def test_the_team_puts_blas_on_one_thread(team):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_blas_info_names_the_kernels_and_what_forced_them(monkeypatch):
+    pytest.importorskip("threadpoolctl")
+    from threadpoolctl import threadpool_info
+    numpy_blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas" and "numpy" in lib["filepath"]]
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    info = T.blas_info()
+    assert info["library"] == numpy_blas[0]["internal_api"]
+    assert info["kernels"] == numpy_blas[0]["architecture"]
+    assert info.get("forced_by") == ("OPENBLAS_CORETYPE=Haswell" if info["library"] == "openblas" else None)
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    assert "forced_by" not in T.blas_info()
+
+
 def test_a_forked_child_builds_its_own_team(team):
     team.run([lambda: None] * 3)
     pid = os.fork()

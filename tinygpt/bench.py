@@ -383,6 +383,8 @@ def _race(args, preset: str, batch_size: int, steps: int, device: str, plain: bo
         "block_size": config.block_size, "n_params": model.num_parameters(), "steps": len(times["tinygpt"]),
         "rounds": rounds, "threads": threads, "matmul_peak_gflops": round(peak, 1),
         "torch": torch_version, "first_loss": {k: round(v, 5) for k, v in losses.items()}}
+    if device == "cpu":                               # the GEMMs' speed depends on it (see blas_info)
+        result["blas"] = cpu_threads.blas_info()
     if plain:
         result["model"] = "relu, biases, untied head; plain AdamW, no clipping, no DataParallel"
     ms_of = {name: statistics.median(ts) * 1000 for name, ts in times.items()}

@@ -86,6 +86,27 @@ def blas_single_thread():
     return _blas_controller[0].limit(limits=1, user_api="blas")
 
 
+def blas_info() -> dict:
+    """What NumPy's BLAS is and which kernels it runs, for benchmark reports: {"library", "version",
+    "kernels" (OpenBLAS's name for the CPU it tuned for: Haswell = AVX2, SkylakeX = AVX-512), "threads"},
+    plus "forced_by" when $OPENBLAS_CORETYPE picked the kernels instead of the CPU (some machines set it
+    for old OpenBLAS builds; a current NumPy's GEMMs can run at half speed under it). {} without
+    threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return {}
+    blas = [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    lib = next((lib for lib in blas if "numpy" in lib.get("filepath", "")), blas[0] if blas else None)
+    if lib is None:
+        return {}
+    out = {"library": lib.get("internal_api"), "version": lib.get("version"),
+           "kernels": lib.get("architecture"), "threads": lib.get("num_threads")}
+    if lib.get("internal_api") == "openblas" and os.environ.get("OPENBLAS_CORETYPE"):
+        out["forced_by"] = "OPENBLAS_CORETYPE=" + os.environ["OPENBLAS_CORETYPE"]
+    return out
+
+
 # --- the team -------------------------------------------------------------------------------------------
 class _Job:
     """One piece of work for a worker; `done` is held until it has run (its exception kept for the caller)."""
