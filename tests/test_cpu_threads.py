@@ -27,6 +27,7 @@ def threads(request, monkeypatch):
     monkeypatch.setenv("TINYGPT_NUM_THREADS", str(request.param))
     monkeypatch.setattr(T, "_limit", None)
     monkeypatch.setattr(cpu_linear, "MIN_MACS", 1)
+    monkeypatch.setattr(cpu_linear, "MIN_ASYNC_MACS", 1)
     monkeypatch.setattr(cpu_linear, "MIN_STACK_MACS", 1)
     monkeypatch.setattr(T, "MIN_PARALLEL", 1)
     T.team()
@@ -305,9 +306,10 @@ def _gpt_grads(threads, monkeypatch, tie, twice=False):
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_backward_with_async_weight_gradients_matches_one_thread(tie, monkeypatch):
-    """Every Linear's dW is an async job here (MIN_MACS = 1); the tied head's weight gets two gradients
+    """Every Linear's dW is an async job here (MIN_ASYNC_MACS = 1); the tied head's weight gets two gradients
     (its embedding's and its head's), which must be waited for before they are added."""
     monkeypatch.setattr(cpu_linear, "MIN_MACS", 1)
+    monkeypatch.setattr(cpu_linear, "MIN_ASYNC_MACS", 1)
     monkeypatch.setattr(cpu_linear, "MIN_STACK_MACS", 1)
     monkeypatch.setattr(T, "_limit", None)
     one = _gpt_grads(1, monkeypatch, tie)
