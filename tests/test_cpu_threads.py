@@ -108,11 +108,12 @@ def test_the_team_puts_blas_on_one_thread(team):
     assert blas and all(lib["num_threads"] == 1 for lib in blas)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_blas_info_names_the_kernels_and_what_forced_them(monkeypatch):
     pytest.importorskip("threadpoolctl")
     from threadpoolctl import threadpool_info
     numpy_blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas" and "numpy" in lib["filepath"]]
+    if not numpy_blas:
+        pytest.skip("threadpoolctl finds no BLAS shipped with NumPy")
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
     info = T.blas_info()
     assert info["library"] == numpy_blas[0]["internal_api"]
@@ -122,6 +123,7 @@ def test_blas_info_names_the_kernels_and_what_forced_them(monkeypatch):
     assert "forced_by" not in T.blas_info()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_builds_its_own_team(team):
     team.run([lambda: None] * 3)
     pid = os.fork()

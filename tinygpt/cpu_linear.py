@@ -22,7 +22,8 @@ from tinygpt import cpu_kernels, cpu_threads
 MIN_MACS = 1 << 24       # multiply-adds below which a product stays whole: ~17M, 140-270 µs on one core.
                          # A split costs ~100 µs here (waking the worker, waiting for it, and two GEMMs at
                          # once each run 7-16% slower), so the lecture's per-head Linears, (2048, 128) x
-                         # (128, 32) = 8M MACs, run faster whole: 84 -> 78 ms a step at 2^21 -> 2^24
+                         # (128, 32) = 8M MACs, run faster whole: at batch 12, 38.6 -> 34.3 ms a step
+                         # (AVX2 kernels) and 30.4 -> 26.7 (AVX-512); at batch 32, 0-4% (BENCHMARKS.md)
 MIN_ASYNC_MACS = 1 << 21 # the same for handing a weight gradient to a worker as an async job (no waiting)
 MIN_STACK_MACS = 1 << 25 # the same for a stack of small matrices (a head's q kᵀ at (32, 64, 32)): NumPy
                          # runs them one BLAS call each, at about half a big GEMM's speed, so a share
