@@ -199,6 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
 
+    import tinygpt.cpu_threads
     from tinygpt.data import shakespeare_text
     text = shakespeare_text()
     stoi = {ch: i for i, ch in enumerate(sorted(set(text)))}
@@ -238,7 +239,6 @@ def main(argv=None) -> int:
                 print(f"round {r + 1}: tinygpt {rate['tinygpt']:8.0f} tok/s, torch {rate['torch']:8.0f} tok/s, "
                       f"ratio {rate['tinygpt'] / rate['torch']:.3f}", flush=True)
 
-    import tinygpt.cpu_threads
     ratios = [r["tinygpt"] / r["torch"] for r in rounds]
     result = {
         "config": {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size",

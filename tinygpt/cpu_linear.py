@@ -88,11 +88,12 @@ def linear_backward(g2: np.ndarray, x2: np.ndarray, w: np.ndarray, want_x: bool,
     meanwhile, and Tensor.backward waits for the jobs at its end (cpu_threads.wait). Without a team,
     all three here."""
     N, out_features, in_features = g2.shape[0], g2.shape[1], x2.shape[1]
+    macs = N * in_features * out_features                    # of each of the two products
     dtype = np.result_type(g2, w)
     gx = None
     if want_x:                                               # first: the next op waits for it
         gx = np.empty((N, in_features), dtype)
-        cpu_threads.split(_gemm(g2, w, gx), N, _parts(N * in_features * out_features, N))
+        cpu_threads.split(_gemm(g2, w, gx), N, _parts(macs, N))
     gw = np.empty((out_features, in_features), dtype) if want_w else None
     gb = np.empty(out_features, dtype) if want_b else None
     if want_w or want_b:
@@ -101,7 +102,7 @@ def linear_backward(g2: np.ndarray, x2: np.ndarray, w: np.ndarray, want_x: bool,
                 np.matmul(g2.T, x2, out=gw)                  # Σ over rows of gᵀ x
             if want_b:
                 np.matmul(np.ones(N, dtype), g2, out=gb)     # Σ over rows, as a GEMV
-        if N * in_features * out_features >= MIN_ASYNC_MACS:
+        if macs >= MIN_ASYNC_MACS:
             cpu_threads.submit(weight_grads, writes=[a for a in (gw, gb) if a is not None])
         else:
             weight_grads()
@@ -126,7 +127,7 @@ def _transposed(a: np.ndarray, copy: bool) -> np.ndarray:
 def _by_batch(fn, a: np.ndarray, macs: int) -> None:
     """fn(lo, hi) over a's first axis, shared out when worth it (whole for a 2-D a)."""
     n = a.shape[0] if a.ndim > 2 else 1
-    cpu_threads.split(fn, n, _parts(macs, n) if a.ndim > 2 else 1)
+    cpu_threads.split(fn, n, _parts(macs, n))
 
 
 def _rows(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
